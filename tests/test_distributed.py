@@ -1,0 +1,149 @@
+"""Real 2-process runs on gloo (idist.spawn): the Sinkhorn, the loss and the queue across ranks."""
+
+from pathlib import Path
+
+import ignite.distributed as idist
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from reference import classic_sinkhorn, classic_swav_loss
+
+from ignite_swav import SwAVLoss, SwAVQueueHandler, sinkhorn
+from ignite_swav.sinkhorn import sinkhorn_codes
+
+WORLD = 2
+FEAT_DIM = 8
+
+
+def spawn(fn, *args):
+    idist.spawn("gloo", fn, args=args, nproc_per_node=WORLD)
+
+
+def unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _sinkhorn_and_loss_worker(rank: int) -> None:
+    assert idist.get_world_size() == WORLD
+    prototypes = unit(12, FEAT_DIM, seed=0)
+    full = unit(2 * 16, FEAT_DIM, seed=1) @ prototypes.t()
+    mine = full.chunk(WORLD)[rank]
+
+    # 2 ranks with half the rows each give what one process gives on all rows
+    expected = classic_sinkhorn(full).chunk(WORLD)[rank]
+    assert torch.allclose(sinkhorn(mine).double(), expected, atol=1e-6), "2-rank sinkhorn != 1-process sinkhorn"
+
+    # with queue rows (of different counts per rank): equipartition over batch + queue of every rank
+    queues = [unit(40, FEAT_DIM, seed=2) @ prototypes.t(), unit(24, FEAT_DIM, seed=3) @ prototypes.t()]
+    everything = torch.cat([full.chunk(WORLD)[0], queues[0], full.chunk(WORLD)[1], queues[1]])
+    expected = classic_sinkhorn(everything)
+    start = 0 if rank == 0 else 16 + 40
+    got = sinkhorn_codes(mine, queues[rank])
+    assert torch.allclose(got.double(), expected[start : start + 16], atol=1e-6)
+
+    # rank 0's rows all prefer prototype 0, rank 1's prototype 1: balancing each rank on its own (as a
+    # per-rank Sinkhorn would) spreads each rank over all prototypes; the global equipartition does not.
+    skewed = torch.full((16, 4), -1.0)
+    skewed[:, rank] = 1.0
+    skewed += 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(rank))
+    ours = sinkhorn(skewed)
+    per_rank = classic_sinkhorn(skewed).float()
+    all_skewed = torch.cat([idist.all_gather(skewed.unsqueeze(0))[r] for r in range(WORLD)])
+    assert torch.allclose(ours.double(), classic_sinkhorn(all_skewed).chunk(WORLD)[rank], atol=1e-6)
+    assert (ours - per_rank).abs().max() > 0.1, "the codes look balanced per rank, not over all ranks"
+
+    # the loss: the mean over ranks equals the loss of one process on the whole batch
+    crops = [unit(2 * 8, FEAT_DIM, seed=10 + v) for v in range(3)]
+    scores = [z @ prototypes.t() for z in crops]
+    local = SwAVLoss()(
+        scores=[s.chunk(WORLD)[rank] for s in scores],
+        embeddings=[z.chunk(WORLD)[rank] for z in crops],
+        prototypes=prototypes,
+    )
+    mean = idist.all_reduce(local.detach().clone()) / WORLD
+    assert torch.allclose(mean.double(), classic_swav_loss(scores, (0, 1)), atol=1e-6)
+
+    # a NaN on one rank stops both ranks (no rank is left waiting in a collective)
+    bad = [s.chunk(WORLD)[rank].clone() for s in scores]
+    if rank == 1:
+        bad[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\[1\] \(on this rank or another one\)"):
+        SwAVLoss()(scores=bad, embeddings=[z.chunk(WORLD)[rank] for z in crops], prototypes=prototypes)
+
+
+def test_sinkhorn_and_loss_on_two_ranks():
+    spawn(_sinkhorn_and_loss_worker)
+
+
+def _make_run(rank: int, epoch_queue_starts: int, dirname=None):
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(
+        loss_fn,
+        batch_size=4,
+        epoch_queue_starts=epoch_queue_starts,
+        feat_dim=FEAT_DIM,
+        queue_length=18,
+        dirname=dirname,
+    )
+    prototypes = unit(6, FEAT_DIM, seed=0)
+    g = torch.Generator().manual_seed(100 + rank)
+
+    def step(engine, batch):
+        crops = [F.normalize(torch.randn(4, FEAT_DIM, generator=g), dim=1) for _ in range(3)]
+        loss = loss_fn(scores=[z @ prototypes.t() for z in crops], embeddings=crops, prototypes=prototypes)
+        return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+
+    trainer = Engine(step)
+    handler.attach(trainer)
+    used = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append((e.state.epoch, e.state.output)))
+    return trainer, handler, used
+
+
+def _save_worker(rank: int, tmp: str) -> None:
+    trainer, handler, used = _make_run(rank, epoch_queue_starts=1, dirname=Path(tmp) / "queue_files")
+    to_save = {"trainer": trainer, "queue_handler": handler}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp, require_empty=False)))
+    trainer.run(range(3), max_epochs=4)
+    # 18 trimmed to a multiple of the global batch 8: 16 rows in all, 8 per rank (and 16 on 1 process)
+    assert handler.queue_length == 16
+    assert handler.queue.shape == (2, 8, FEAT_DIM)
+    # created at epoch 2; full after 2 steps of 4 rows; used from then on in that epoch
+    assert [u["use_queue"] for e, u in used if e == 1] == [False] * 3
+    assert [u["use_queue"] for e, u in used if e == 2] == [False, False, True]
+    assert all(u["use_queue"] for e, u in used if e > 2)
+    torch.save(handler.queue.clone(), Path(tmp) / f"rank{rank}.pt")
+
+
+def _load_worker(rank: int, tmp: str) -> None:
+    trainer, handler, used = _make_run(rank, epoch_queue_starts=1)
+    Checkpoint.load_objects({"trainer": trainer, "queue_handler": handler}, Path(tmp) / "one_process.pt")
+    saved = torch.load(Path(tmp) / "one_process.pt", weights_only=True)["queue_handler"]["queue"]
+    # rank r gets global rows r, r + 2, r + 4, ...: every row on exactly one rank
+    assert torch.equal(handler.queue, saved[:, rank::WORLD])
+    trainer.run(range(3), max_epochs=trainer.state.epoch + 1)
+    assert used and all(u["use_queue"] for _, u in used), "a full restored queue is used at once"
+
+
+def test_queue_per_rank_shape_save_on_two_and_resume_on_one_and_back(tmp_path: Path):
+    spawn(_save_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    # the Checkpoint file written on 2 ranks, resumed on 1 process: every row of both ranks, none doubled
+    trainer, handler, used = _make_run(0, epoch_queue_starts=1)
+    checkpoint = tmp_path / "checkpoint_12.pt"
+    Checkpoint.load_objects({"trainer": trainer, "queue_handler": handler}, checkpoint)
+    assert handler.queue.shape == (2, 16, FEAT_DIM)
+    for r in range(WORLD):
+        assert torch.equal(handler.queue[:, r::WORLD], ranks[r])
+    # the handler's own file holds the same rows
+    own = torch.load(tmp_path / "queue_files" / "swav_queue_12.pt", weights_only=True)
+    assert torch.equal(own["queue"], handler.queue)
+    trainer.run(range(3), max_epochs=5)
+    assert all(u["use_queue"] for _, u in used)
+
+    # and saved on 1 process, resumed on 2
+    torch.save({"trainer": trainer.state_dict(), "queue_handler": handler.state_dict()}, tmp_path / "one_process.pt")
+    spawn(_load_worker, str(tmp_path))

@@ -1,0 +1,274 @@
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+
+from ignite_swav import SwAVLoss, SwAVQueueHandler, load_checkpoint_file
+
+FEAT_DIM = 8
+NUM_PROTOTYPES = 6
+
+
+def make_step(loss_fn: SwAVLoss, batch_size: int, num_crops: int = 3, seed: int = 0):
+    """An engine step that feeds the loss random unit embeddings; records whether the queue was used."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = F.normalize(torch.randn(NUM_PROTOTYPES, FEAT_DIM, generator=g), dim=1)
+
+    def step(engine: Engine, batch) -> dict:
+        embeddings = [F.normalize(torch.randn(batch_size, FEAT_DIM, generator=g), dim=1) for _ in range(num_crops)]
+        scores = [z @ prototypes.t() for z in embeddings]
+        loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
+        return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+
+    return step
+
+
+def make_trainer(batch_size=4, queue_length=16, epoch_queue_starts=1, dirname=None, interval=1):
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(
+        loss_fn,
+        batch_size=batch_size,
+        epoch_queue_starts=epoch_queue_starts,
+        feat_dim=FEAT_DIM,
+        queue_length=queue_length,
+        dirname=dirname,
+        interval=interval,
+    )
+    trainer = Engine(make_step(loss_fn, batch_size))
+    handler.attach(trainer)
+    return trainer, handler, loss_fn
+
+
+def test_started_trims_the_queue_length_to_the_global_batch():
+    trainer, handler, _ = make_trainer(batch_size=4, queue_length=18)
+    trainer.run([0], max_epochs=1)
+    assert handler.queue_length == 16
+
+
+def test_queue_is_created_after_epoch_queue_starts_epochs_and_never_recreated():
+    trainer, handler, loss_fn = make_trainer(batch_size=4, queue_length=8, epoch_queue_starts=2)
+    seen = {}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def record(engine):
+        seen[engine.state.epoch] = handler.queue
+
+    trainer.run(range(3), max_epochs=4)
+    assert seen[1] is None and seen[2] is None  # two epochs without a queue
+    queue = seen[3]
+    assert queue is not None and queue.shape == (2, 8, FEAT_DIM) and queue.dtype == torch.float32
+    assert seen[4] is queue  # kept, not re-created
+    assert loss_fn.queue is queue
+    assert queue.abs().sum() > 0  # filled during epochs 3 and 4
+
+
+def test_epoch_queue_starts_zero_creates_the_queue_before_the_first_epoch():
+    trainer, handler, loss_fn = make_trainer(epoch_queue_starts=0)
+    out = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.append(e.state.output["use_queue"]))
+    trainer.run(range(6), max_epochs=1)
+    # queue of 16 rows, batch of 4: full after 4 steps, used from the 5th
+    assert out == [False, False, False, False, True, True]
+
+
+def test_use_queue_is_reset_at_every_epoch_start():
+    trainer, handler, loss_fn = make_trainer(epoch_queue_starts=0)
+    flags = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: flags.append(loss_fn.use_queue))
+    trainer.run(range(6), max_epochs=3)
+    assert flags == [False, False, False]
+    assert loss_fn.use_queue  # switched on again in the epoch, the queue being full
+
+
+def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue():
+    trainer, handler, loss_fn = make_trainer(batch_size=4, queue_length=3, epoch_queue_starts=0)
+    with pytest.warns(UserWarning, match=r"queue_length=3 is smaller than the global batch.*no queue will be used"):
+        trainer.run(range(2), max_epochs=2)
+    assert handler.queue is None and loss_fn.queue is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": -3}, ValueError, "batch_size must be an integer >= 1, got -3"),
+        ({"queue_length": -1}, ValueError, "queue_length must be an integer >= 0, got -1"),
+        ({"epoch_queue_starts": -1}, ValueError, "epoch_queue_starts must be an integer >= 0"),
+        ({"interval": 0}, ValueError, "interval must be an integer >= 1"),
+        ({"feat_dim": 0}, ValueError, "feat_dim must be an integer >= 1"),
+        ({"crops_for_assign": (0,)}, ValueError, r"crops_for_assign=\(0,\) differs from the loss's"),
+        ({"crops_for_assign": []}, ValueError, "crops_for_assign must name at least one crop"),
+        ({"crops_for_assign": (1, 1)}, ValueError, "must not repeat a crop"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, error, message):
+    args = {"batch_size": 4} | kwargs
+    with pytest.raises(error, match=message):
+        SwAVQueueHandler(SwAVLoss(), **args)
+
+
+def test_the_loss_must_be_a_swav_loss():
+    with pytest.raises(TypeError, match="loss must be an ignite_swav.SwAVLoss, got CrossEntropyLoss"):
+        SwAVQueueHandler(torch.nn.CrossEntropyLoss(), batch_size=4)
+
+
+def test_attaching_twice_is_refused():
+    trainer, handler, _ = make_trainer()
+    with pytest.raises(ValueError, match="already attached to this engine"):
+        handler.attach(trainer)
+
+
+def test_state_dict_round_trip_through_a_weights_only_file(tmp_path: Path):
+    trainer, handler, _ = make_trainer(epoch_queue_starts=0)
+    trainer.run(range(3), max_epochs=1)
+    torch.save({"queue_handler": handler.state_dict()}, tmp_path / "c.pt")
+
+    _, restored, loss_fn = make_trainer(epoch_queue_starts=0)
+    Checkpoint.load_objects({"queue_handler": restored}, tmp_path / "c.pt")  # weights_only=True inside
+    assert torch.equal(restored.queue, handler.queue)
+    assert loss_fn.queue is restored.queue
+
+
+def test_a_resumed_run_keeps_the_restored_queue(tmp_path: Path):
+    trainer, handler, _ = make_trainer(epoch_queue_starts=1)
+    to_save = {"trainer": trainer, "queue_handler": handler}
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
+    )
+    trainer.run(range(5), max_epochs=3)
+    saved_queue = handler.queue.clone()
+
+    resumed, restored, loss_fn = make_trainer(epoch_queue_starts=1)
+    used = []
+    resumed.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.output["use_queue"]))
+    seen_at_start = []
+    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_at_start.append(restored.queue.clone()))
+    Checkpoint.load_objects({"trainer": resumed, "queue_handler": restored}, tmp_path / "checkpoint_15.pt")
+    resumed.run(range(5), max_epochs=4)
+    assert torch.equal(seen_at_start[0], saved_queue)  # STARTED and EPOCH_STARTED did not wipe it
+    assert used[0]  # full when saved, so used at once
+
+
+def test_load_refuses_another_feat_dim_or_crop_count():
+    trainer, handler, _ = make_trainer(epoch_queue_starts=0)
+    trainer.run(range(2), max_epochs=1)
+    state = handler.state_dict()
+    other = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=16)
+    with pytest.raises(ValueError, match="embeddings of width 8, but this handler has feat_dim=16"):
+        other.load_state_dict(state)
+    three = SwAVQueueHandler(SwAVLoss((0, 1, 2)), batch_size=4, feat_dim=FEAT_DIM, crops_for_assign=(0, 1, 2))
+    with pytest.raises(ValueError, match=r"2 crop slot\(s\), but this handler assigns 3 crops"):
+        three.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "state,message",
+    [
+        ({}, "expected a mapping with a 'queue' entry"),
+        ([1, 2], "expected a mapping with a 'queue' entry, got list"),
+        ({"queue": torch.zeros(2, 4)}, r"a 'queue' of \(2, 4\), expected a float tensor"),
+        ({"queue": "x"}, "a 'queue' of str"),
+        ({"queue": None, "feat_dim": "8"}, "entry 'feat_dim' must be an integer, got str"),
+        ({"queue": torch.full((2, 16, FEAT_DIM), float("nan"))}, "NaN or infinite"),
+    ],
+)
+def test_load_refuses_malformed_states(state, message):
+    handler = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=16)
+    with pytest.raises(ValueError, match=message):
+        handler.load_state_dict(state)
+
+
+def test_load_keeps_the_newest_rows_when_the_length_changes():
+    queue = F.normalize(torch.randn(2, 16, FEAT_DIM), dim=2)
+    shorter = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=8)
+    shorter.load_state_dict({"queue": queue})
+    assert torch.equal(shorter.queue, queue[:, :8])
+    longer = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=24)
+    longer.load_state_dict({"queue": queue})
+    assert torch.equal(longer.queue[:, :16], queue)
+    assert torch.equal(longer.queue[:, 16:], torch.zeros(2, 8, FEAT_DIM))  # not full: refilled before use
+
+
+def test_dirname_saves_every_interval_and_a_resumed_run_loads_the_matching_file(tmp_path: Path):
+    trainer, handler, _ = make_trainer(epoch_queue_starts=0, dirname=tmp_path, interval=2)
+    trainer.run(range(3), max_epochs=6)
+    # every 2 epochs of 3 iterations; the last 2 files are kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swav_queue_12.pt", "swav_queue_18.pt"]
+    stored = load_checkpoint_file(tmp_path / "swav_queue_18.pt")
+    assert torch.equal(stored["queue"], handler.queue)
+
+    resumed, restored, _ = make_trainer(epoch_queue_starts=0, dirname=tmp_path)
+    resumed.state.iteration, resumed.state.epoch = 18, 6  # as Checkpoint.load_objects(trainer) would set
+    resumed.run(range(3), max_epochs=7)
+    assert restored.queue is not None
+
+
+def test_dirname_queue_from_another_moment_is_not_loaded(tmp_path: Path, caplog):
+    trainer, handler, _ = make_trainer(epoch_queue_starts=0, dirname=tmp_path)
+    trainer.run(range(3), max_epochs=2)
+    fresh, restored, loss_fn = make_trainer(epoch_queue_starts=5, dirname=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        fresh.run(range(3), max_epochs=1)
+    assert "engine starts at iteration 0" in caplog.text
+    assert restored.queue is None
+
+
+def _write_queue_file(tmp_path: Path, payload: bytes) -> None:
+    (tmp_path / "swav_queue_0.pt").write_bytes(payload)
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated or corrupted"),
+        (lambda b: b[:100] + bytes(200) + b[300:], "truncated or corrupted"),
+        (lambda b: b"", "is empty"),
+        (lambda b: b"not a checkpoint at all", "truncated or corrupted"),
+    ],
+)
+def test_a_damaged_queue_file_is_refused(tmp_path: Path, corrupt, message):
+    trainer, handler, _ = make_trainer(epoch_queue_starts=0)
+    trainer.run(range(2), max_epochs=1)
+    torch.save(handler.state_dict(), tmp_path / "good.pt")
+    _write_queue_file(tmp_path, corrupt((tmp_path / "good.pt").read_bytes()))
+    fresh, restored, _ = make_trainer(dirname=tmp_path)
+    with pytest.raises(ValueError, match=message):
+        fresh.run(range(2), max_epochs=1)
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_queue_file_that_would_run_code_is_refused_without_running_it(tmp_path: Path):
+    marker = tmp_path / "code_ran"
+    torch.save({"queue": _RunsCode(str(marker))}, tmp_path / "swav_queue_0.pt")
+    fresh, _, _ = make_trainer(dirname=tmp_path)
+    with pytest.raises(
+        ValueError,
+        match="refers to 'posix.mkdir', which is not a tensor or a number: the file was refused without running",
+    ):
+        fresh.run(range(2), max_epochs=1)
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_file_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="nope.pt' does not exist"):
+        load_checkpoint_file(tmp_path / "nope.pt")
+
+
+def test_no_warning_for_a_valid_queue_length():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer, _, _ = make_trainer(batch_size=4, queue_length=16)
+        trainer.run(range(2), max_epochs=1)

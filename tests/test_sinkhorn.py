@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import classic_sinkhorn
+
+from ignite_swav import sinkhorn
+from ignite_swav.sinkhorn import sinkhorn_codes
+
+
+def cosine_scores(rows: int, prototypes: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(rows, dim, generator=g), dim=1)
+    c = F.normalize(torch.randn(prototypes, dim, generator=g), dim=1)
+    return z @ c.t()
+
+
+def test_rows_sum_to_one_and_dtype():
+    codes = sinkhorn(cosine_scores(32, 10))
+    assert codes.shape == (32, 10)
+    assert codes.dtype == torch.float32
+    assert torch.allclose(codes.sum(dim=1), torch.ones(32), atol=1e-6)
+    assert (codes >= 0).all()
+
+
+@pytest.mark.parametrize("iterations,epsilon", [(1, 0.05), (3, 0.05), (3, 0.03), (10, 0.1)])
+def test_matches_the_classic_matrix_loop(iterations, epsilon):
+    scores = cosine_scores(48, 20, seed=iterations)
+    expected = classic_sinkhorn(scores, iterations, epsilon)
+    got = sinkhorn(scores, iterations=iterations, epsilon=epsilon)
+    assert torch.allclose(got.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_extra_rows_join_the_equipartition_but_only_the_batch_rows_are_returned():
+    batch, queue = cosine_scores(16, 12, seed=1), cosine_scores(64, 12, seed=2)
+    expected = classic_sinkhorn(torch.cat([batch, queue]))[:16]
+    got = sinkhorn_codes(batch, queue)
+    assert got.shape == (16, 12)
+    assert torch.allclose(got.double(), expected, atol=1e-6, rtol=1e-5)
+    # The queue changes the result: it is not ignored.
+    assert not torch.allclose(got, sinkhorn(batch), atol=1e-3)
+
+
+def test_more_iterations_equipartition_the_prototypes():
+    codes = sinkhorn(cosine_scores(200, 10, seed=3), iterations=50)
+    assert torch.allclose(codes.sum(dim=0), torch.full((10,), 20.0), rtol=1e-3)
+
+
+def test_unnormalised_scores_do_not_overflow():
+    scores = cosine_scores(32, 8, seed=4) * 10  # exp(10 / 0.05) overflows float32
+    assert not torch.isfinite(torch.exp(scores / 0.05)).all()
+    got = sinkhorn(scores)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), classic_sinkhorn(scores), atol=1e-5)
+
+
+def test_extreme_scores_give_finite_codes_that_sum_to_one():
+    scores = torch.randn(64, 30, generator=torch.Generator().manual_seed(0)) * 1000
+    got = sinkhorn(scores)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.sum(dim=1), torch.ones(64), atol=1e-5)
+    # Each row's mass sits on its own highest scores: the best prototype gets a positive code.
+    assert (got.gather(1, scores.argmax(dim=1, keepdim=True)) > 0).all()
+
+
+def test_runs_in_float32_outside_autocast():
+    scores = cosine_scores(16, 8, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sinkhorn(scores.bfloat16())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, sinkhorn(scores.bfloat16().float()), atol=1e-6)
+
+
+def test_no_gradient_flows_through_the_codes():
+    scores = cosine_scores(8, 4).requires_grad_()
+    assert not sinkhorn(scores).requires_grad
+
+
+def test_uniform_scores_give_uniform_codes():
+    codes = sinkhorn(torch.zeros(6, 5))
+    assert torch.allclose(codes, torch.full((6, 5), 0.2))
+    assert math.isclose(float(codes.sum()), 6.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"scores": torch.zeros(4)}, ValueError, r"scores must have shape \(N, K\).*\(4,\)"),
+        ({"scores": [[0.0, 1.0]]}, TypeError, "scores must be a torch.Tensor"),
+        ({"scores": torch.zeros(3, 2, dtype=torch.long)}, TypeError, "floating point.*int64"),
+        ({"scores": torch.zeros(0, 5)}, ValueError, "at least one row"),
+        ({"scores": torch.zeros(3, 2), "iterations": 0}, ValueError, "iterations must be an integer >= 1, got 0"),
+        ({"scores": torch.zeros(3, 2), "iterations": 2.5}, TypeError, "iterations must be an integer"),
+        ({"scores": torch.zeros(3, 2), "epsilon": 0.0}, ValueError, "epsilon must be a positive finite number"),
+        ({"scores": torch.zeros(3, 2), "epsilon": -1}, ValueError, "epsilon must be a positive finite number, got -1"),
+        ({"scores": torch.tensor([[0.0, float("nan")]])}, ValueError, "NaN or infinite"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sinkhorn(**kwargs)
+
+
+def test_extra_scores_with_other_prototype_count_are_refused():
+    with pytest.raises(ValueError, match="extra_scores must have 4 columns"):
+        sinkhorn_codes(torch.zeros(2, 4), torch.zeros(3, 5))

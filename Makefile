@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/train_swav.py $(ARGS)
 
 test: $(VENV)/.installed
-	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q tests
+	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,30 @@
 """ignite-swav: SwAV self-supervised learning for PyTorch-Ignite."""
 
+from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_multicrop_batch
 from ignite_swav.loss import SwAVLoss
+from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features
+from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 from ignite_swav.queue import SwAVQueueHandler, load_checkpoint_file
 from ignite_swav.sinkhorn import sinkhorn
+from ignite_swav.transforms import MultiCropTransform, multicrop_collate
 
 __version__ = "0.1.0"
 
-__all__ = ["SwAVLoss", "SwAVQueueHandler", "__version__", "load_checkpoint_file", "sinkhorn"]
+__all__ = [
+    "KNNAccuracy",
+    "MultiCropTransform",
+    "SwAVEvents",
+    "SwAVLoss",
+    "SwAVModel",
+    "SwAVProjectionHead",
+    "SwAVPrototypes",
+    "SwAVQueueHandler",
+    "__version__",
+    "create_knn_evaluator",
+    "create_swav_trainer",
+    "extract_features",
+    "load_checkpoint_file",
+    "multicrop_collate",
+    "prepare_multicrop_batch",
+    "sinkhorn",
+]

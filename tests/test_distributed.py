@@ -147,3 +147,52 @@ def test_queue_per_rank_shape_save_on_two_and_resume_on_one_and_back(tmp_path: P
     # and saved on 1 process, resumed on 2
     torch.save({"trainer": trainer.state_dict(), "queue_handler": handler.state_dict()}, tmp_path / "one_process.pt")
     spawn(_load_worker, str(tmp_path))
+
+
+def _ddp_and_knn_worker(rank: int, expected_knn: float) -> None:
+    from helpers import random_crops, tiny_swav_model
+
+    from ignite_swav import create_knn_evaluator, create_swav_trainer
+
+    model = idist.auto_model(tiny_swav_model(seed=rank))  # different inits: DDP broadcasts rank 0's
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    optimizer = idist.auto_optim(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, loss_fn, optimizer, freeze_prototypes_iters=1)
+    SwAVQueueHandler(loss_fn, batch_size=4, epoch_queue_starts=0, feat_dim=8, queue_length=16).attach(trainer)
+    start = model.module.prototypes.weight.detach().clone()
+    data = [random_crops(4, sizes=(16, 16, 8, 8), seed=10 * rank + i) for i in range(4)]  # other data per rank
+    trainer.run(data, max_epochs=1)
+    assert (model.module.prototypes.weight - start).abs().max() > 1e-3  # trained after the frozen iteration
+    for name, parameter in model.module.named_parameters():
+        both = idist.all_gather(parameter.detach().unsqueeze(0))
+        assert torch.equal(both[0], both[1]), f"{name} differs between the ranks"
+
+    # kNN with half of the reference and half of the held-out set on each rank = one process with all of it
+    reference, heldout = _knn_data()
+    backbone = _knn_backbone()
+    evaluator = create_knn_evaluator(backbone, [(x[rank::WORLD], y[rank::WORLD]) for x, y in reference], k=5)
+    evaluator.run([(x[rank::WORLD], y[rank::WORLD]) for x, y in heldout])
+    assert abs(evaluator.state.metrics["knn_top1"] - expected_knn) < 1e-12
+
+
+def _knn_data():
+    g = torch.Generator().manual_seed(3)
+    make = lambda n: [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]  # noqa: E731
+    return make(6), make(4)
+
+
+def _knn_backbone():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 6)
+
+
+def test_ddp_step_keeps_ranks_identical_and_knn_is_correct_on_two_ranks():
+    from ignite_swav import create_knn_evaluator
+
+    reference, heldout = _knn_data()
+    evaluator = create_knn_evaluator(_knn_backbone(), reference, k=5)
+    evaluator.run(heldout)
+    expected = evaluator.state.metrics["knn_top1"]
+    assert 0 < expected < 1  # not a trivial case
+    spawn(_ddp_and_knn_worker, expected)

@@ -1,0 +1,164 @@
+"""SwAV model pieces: projection head, prototypes, and a wrapper that runs the crops grouped by size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ignite_swav._validation import check_int
+
+__all__ = ["SwAVModel", "SwAVProjectionHead", "SwAVPrototypes"]
+
+
+class SwAVProjectionHead(nn.Module):
+    """Projection of backbone features to L2-normalised embeddings: Linear, BatchNorm1d, ReLU, Linear.
+
+    Args:
+        in_dim: width of the backbone features.
+        hidden_dim: width of the hidden layer; 0 gives a single Linear.
+        out_dim: width of the embeddings (SwAV's ``feat_dim``).
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import SwAVProjectionHead
+        >>> head = SwAVProjectionHead(512, hidden_dim=2048, out_dim=128)
+        >>> head(torch.randn(4, 512)).norm(dim=1)
+        tensor([1.0000, 1.0000, 1.0000, 1.0000], grad_fn=<LinalgVectorNormBackward0>)
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> None:
+        super().__init__()
+        self.in_dim = check_int("in_dim", in_dim, 1)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, 0)
+        self.out_dim = check_int("out_dim", out_dim, 1)
+        if hidden_dim == 0:
+            self.layers: nn.Module = nn.Linear(in_dim, out_dim)
+        else:
+            self.layers = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, out_dim),
+            )
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``(N, in_dim)`` features to ``(N, out_dim)`` unit-norm embeddings."""
+        return F.normalize(self.layers(features), dim=1)
+
+
+class SwAVPrototypes(nn.Linear):
+    """The prototypes: a bias-free Linear whose weight rows are the ``num_prototypes`` cluster centres.
+
+    Call :meth:`normalize_` before every forward (``create_swav_trainer`` does) so that the scores are cosine
+    similarities: unnormalised prototypes drift in norm and destabilise the Sinkhorn.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import SwAVPrototypes
+        >>> prototypes = SwAVPrototypes(feat_dim=128, num_prototypes=3000)
+        >>> prototypes.normalize_()
+        >>> prototypes(torch.randn(4, 128)).shape
+        torch.Size([4, 3000])
+    """
+
+    def __init__(self, feat_dim: int = 128, num_prototypes: int = 3000) -> None:
+        super().__init__(check_int("feat_dim", feat_dim, 1), check_int("num_prototypes", num_prototypes, 1), bias=False)
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """L2-normalise each prototype (weight row) in place."""
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+
+def _size_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive crops of one spatial size; refuses non-contiguous sizes."""
+    if isinstance(crops, Tensor) or not isinstance(crops, Sequence) or len(crops) == 0:
+        raise TypeError(f"crops must be a non-empty list of (B, C, H, W) crop batches, got {type(crops).__name__}")
+    batch = None
+    for v, crop in enumerate(crops):
+        if not isinstance(crop, Tensor) or crop.ndim != 4:
+            shape = tuple(crop.shape) if isinstance(crop, Tensor) else type(crop).__name__
+            raise ValueError(f"crops[{v}] must be a (B, C, H, W) batch of images, got {shape}")
+        if batch is None:
+            batch = crop.shape[0]
+        elif crop.shape[0] != batch:
+            raise ValueError(
+                f"crops[{v}] holds {crop.shape[0]} images, crops[0] holds {batch}: all crops share the batch"
+            )
+    groups: list[tuple[int, int]] = []
+    seen: dict[tuple[int, ...], int] = {}
+    for v, crop in enumerate(crops):
+        size = tuple(crop.shape[1:])
+        if groups and tuple(crops[groups[-1][0]].shape[1:]) == size:
+            groups[-1] = (groups[-1][0], v + 1)
+            continue
+        if size in seen:
+            raise ValueError(
+                f"crops[{v}] has size {size[1]}x{size[2]} like crops[{seen[size]}], but other sizes lie between "
+                "them: crops of one size must be contiguous in the list (large crops first, then small ones)"
+            )
+        seen[size] = v
+        groups.append((v, v + 1))
+    return groups
+
+
+class SwAVModel(nn.Module):
+    """Backbone, projection head and prototypes; runs the backbone once per group of crops of the same size.
+
+    ``forward(crops)`` takes the list of crop batches (large crops first), concatenates each run of
+    consecutive crops of one size into one backbone call, projects all crops' features together (one
+    BatchNorm over all crops, as SwAV does), and returns ``(embeddings, scores)``: one ``(B, feat_dim)`` and one
+    ``(B, num_prototypes)`` tensor per crop. It does not normalise the prototypes: the trainer does, before
+    the forward.
+
+    Args:
+        backbone: maps ``(N, C, H, W)`` images to ``(N, F)`` (or ``(N, F, 1, 1)``) features.
+        projection: maps features to L2-normalised embeddings, e.g. :class:`SwAVProjectionHead`.
+        prototypes: :class:`SwAVPrototypes` of the embeddings' width.
+
+    Example:
+        >>> import torch
+        >>> from torchvision.models import resnet18
+        >>> from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+        >>> backbone = resnet18(num_classes=10)
+        >>> backbone.fc = torch.nn.Identity()
+        >>> model = SwAVModel(backbone, SwAVProjectionHead(512, 256, 32), SwAVPrototypes(32, 50))
+        >>> crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 3
+        >>> embeddings, scores = model(crops)
+        >>> len(embeddings), scores[4].shape
+        (5, torch.Size([4, 50]))
+    """
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, prototypes: SwAVPrototypes) -> None:
+        super().__init__()
+        for name, value in (("backbone", backbone), ("projection", projection)):
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+        if not isinstance(prototypes, SwAVPrototypes):
+            raise TypeError(f"prototypes must be an ignite_swav.SwAVPrototypes, got {type(prototypes).__name__}")
+        out_dim = getattr(projection, "out_dim", None)
+        if out_dim is not None and out_dim != prototypes.in_features:
+            raise ValueError(
+                f"the projection's embeddings have width {out_dim}, but the prototypes expect width "
+                f"{prototypes.in_features}: build them with the same feat_dim"
+            )
+        self.backbone = backbone
+        self.projection = projection
+        self.prototypes = prototypes
+
+    def forward(self, crops: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Embeddings and prototype scores of every crop, in the order of ``crops``."""
+        groups = _size_groups(crops)
+        features = torch.cat([self.backbone(torch.cat(list(crops[start:end]))).flatten(1) for start, end in groups])
+        embeddings = self.projection(features)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.prototypes.in_features:
+            raise ValueError(
+                f"the projection gives embeddings of shape {tuple(embeddings.shape)}, but the prototypes expect "
+                f"width {self.prototypes.in_features}"
+            )
+        scores = self.prototypes(embeddings)
+        batch = crops[0].shape[0]
+        return list(embeddings.split(batch)), list(scores.split(batch))

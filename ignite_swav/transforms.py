@@ -1,0 +1,205 @@
+"""SwAV multi-crop augmentation on torchvision transforms, and the collate function that stacks crops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from ignite_swav._validation import check_int
+
+__all__ = ["MultiCropTransform", "multicrop_collate"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _ToRGB(v2.Transform):
+    """Images with one channel (grayscale PIL images, ``(1, H, W)`` tensors) become 3-channel RGB."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, Tensor):
+            return inpt.expand(3, *inpt.shape[-2:]) if inpt.shape[-3] == 1 else inpt
+        return inpt.convert("RGB") if inpt.mode != "RGB" else inpt
+
+
+def _blur_kernel_size(crop_size: int) -> int:
+    # About 10% of the crop, odd, at least 3 (SimCLR's and SwAV's choice: 23 px for 224 px crops).
+    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+
+
+def _check_per_size(name: str, value: Sequence[Any], count: int) -> tuple[Any, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != count:
+        raise ValueError(f"{name} must have one entry per crop size ({count}), got {value!r}")
+    return tuple(value)
+
+
+class MultiCropTransform:
+    """SwAV's multi-crop augmentation: returns the list of crop tensors of one image, large crops first.
+
+    Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
+    brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` with
+    probability 0.8, grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
+    ``blur_sigma``, kernel about 10% of the crop), then conversion to float and normalisation. Accepts PIL
+    images and ``(C, H, W)`` uint8 tensors; one-channel images are turned into RGB.
+
+    Small images: the crop sizes are output sizes, so 8 px digits upscaled to 32 px crops need nothing more
+    than ``size_crops=(32, 16)``; :meth:`for_cifar` and :meth:`for_digits` give the usual settings without
+    hand edits (no blur, which destroys 32 px images; smaller crops; data set statistics).
+
+    Args:
+        size_crops: output size of each kind of crop.
+        num_crops: how many crops of each size.
+        min_scale_crops: smallest area fraction of the image each kind of crop covers.
+        max_scale_crops: largest area fraction.
+        color_strength: scales the colour jitter (1.0 as in SwAV, 0.5 for CIFAR in SimCLR).
+        blur_prob: probability of the Gaussian blur (0 disables it).
+        blur_sigma: range of the blur's standard deviation.
+        mean: per-channel mean for normalisation.
+        std: per-channel standard deviation for normalisation.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import MultiCropTransform
+        >>> transform = MultiCropTransform(size_crops=(32, 16), num_crops=(2, 4))
+        >>> crops = transform(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8))
+        >>> [tuple(c.shape) for c in crops][1:3]
+        [(3, 32, 32), (3, 16, 16)]
+    """
+
+    def __init__(
+        self,
+        size_crops: Sequence[int] = (224, 96),
+        num_crops: Sequence[int] = (2, 6),
+        min_scale_crops: Sequence[float] = (0.14, 0.05),
+        max_scale_crops: Sequence[float] = (1.0, 0.14),
+        color_strength: float = 1.0,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if isinstance(size_crops, (str, bytes)) or not isinstance(size_crops, Sequence) or not size_crops:
+            raise ValueError(f"size_crops must be a non-empty sequence of crop sizes, got {size_crops!r}")
+        count = len(size_crops)
+        self.size_crops = tuple(check_int(f"size_crops[{i}]", s, 1) for i, s in enumerate(size_crops))
+        self.num_crops = tuple(
+            check_int(f"num_crops[{i}]", n, 0) for i, n in enumerate(_check_per_size("num_crops", num_crops, count))
+        )
+        if sum(self.num_crops) < 2:
+            raise ValueError(f"num_crops must give at least 2 crops in all (SwAV compares views), got {num_crops}")
+        self.min_scale_crops = _check_per_size("min_scale_crops", min_scale_crops, count)
+        self.max_scale_crops = _check_per_size("max_scale_crops", max_scale_crops, count)
+        for i, (low, high) in enumerate(zip(self.min_scale_crops, self.max_scale_crops)):
+            if not 0 < low <= high <= 1:
+                raise ValueError(
+                    f"crop size {self.size_crops[i]}: scales must satisfy 0 < min_scale_crops <= max_scale_crops <= 1,"
+                    f" got ({low}, {high})"
+                )
+        if not 0 <= color_strength:
+            raise ValueError(f"color_strength must be >= 0, got {color_strength}")
+        if not 0 <= blur_prob <= 1:
+            raise ValueError(f"blur_prob must be a probability in [0, 1], got {blur_prob}")
+        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={mean}, std={std}")
+
+        s = color_strength
+        self.crop_transforms: list[v2.Compose] = []
+        for size, n, low, high in zip(self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops):
+            steps: list[Any] = [
+                v2.ToImage(),
+                _ToRGB(),
+                v2.RandomResizedCrop(size, scale=(low, high), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+            ]
+            if blur_prob > 0:
+                steps.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel_size(size), blur_sigma)], p=blur_prob))
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+            self.crop_transforms += [v2.Compose(steps)] * n
+
+    @classmethod
+    def for_cifar(cls, **overrides: Any) -> MultiCropTransform:
+        """Settings for 32 px images (CIFAR-10): 2x32 px + 4x16 px crops, colour strength 0.5, no blur."""
+        settings: dict[str, Any] = {
+            "size_crops": (32, 16),
+            "num_crops": (2, 4),
+            "min_scale_crops": (0.25, 0.1),
+            "max_scale_crops": (1.0, 0.25),
+            "color_strength": 0.5,
+            "blur_prob": 0.0,
+            "mean": (0.4914, 0.4822, 0.4465),
+            "std": (0.2470, 0.2435, 0.2616),
+        }
+        return cls(**(settings | overrides))
+
+    @classmethod
+    def for_digits(cls, **overrides: Any) -> MultiCropTransform:
+        """Settings for scikit-learn's 8x8 digits upscaled: 2x32 px + 4x16 px crops of large parts, no blur.
+
+        Digits are small, centred and gray: crops must keep most of the stroke (scales from 0.3), and the
+        colour jitter only acts on brightness and contrast.
+        """
+        settings: dict[str, Any] = {
+            "size_crops": (32, 16),
+            "num_crops": (2, 4),
+            "min_scale_crops": (0.5, 0.3),
+            "max_scale_crops": (1.0, 0.6),
+            "color_strength": 0.5,
+            "blur_prob": 0.0,
+            "mean": (0.3, 0.3, 0.3),
+            "std": (0.37, 0.37, 0.37),
+        }
+        return cls(**(settings | overrides))
+
+    @property
+    def total_crops(self) -> int:
+        """Number of crops per image."""
+        return len(self.crop_transforms)
+
+    def __call__(self, image: Any) -> list[Tensor]:
+        """The crops of ``image`` (PIL image or ``(C, H, W)`` tensor), large crops first."""
+        return [transform(image) for transform in self.crop_transforms]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size_crops={self.size_crops}, num_crops={self.num_crops}, "
+            f"min_scale_crops={self.min_scale_crops}, max_scale_crops={self.max_scale_crops})"
+        )
+
+
+def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+    """Collate samples of :class:`MultiCropTransform` crops into one ``(B, C, H, W)`` batch per crop.
+
+    Each sample is either the list of crops of one image, or a ``(crops, target)`` pair (a torchvision data
+    set with the transform); pairs give ``(crops, targets)``.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import multicrop_collate
+        >>> samples = [([torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 1) for _ in range(5)]
+        >>> crops, targets = multicrop_collate(samples)
+        >>> crops[1].shape, targets.tolist()
+        (torch.Size([5, 3, 4, 4]), [1, 1, 1, 1, 1])
+    """
+    if len(batch) == 0:
+        raise ValueError("multicrop_collate got an empty batch")
+    first = batch[0]
+    with_targets = isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], (list, tuple))
+    samples = [sample[0] for sample in batch] if with_targets else list(batch)
+    num_crops = len(samples[0])
+    for i, crops in enumerate(samples):
+        if len(crops) != num_crops:
+            raise ValueError(
+                f"sample {i} has {len(crops)} crops, sample 0 has {num_crops}: every sample needs the same"
+            )
+    stacked = [torch.stack([crops[v] for crops in samples]) for v in range(num_crops)]
+    if with_targets:
+        return stacked, torch.as_tensor([sample[1] for sample in batch])
+    return stacked

@@ -2,7 +2,7 @@
 
 from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_multicrop_batch
 from ignite_swav.loss import SwAVLoss
-from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features
+from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 from ignite_swav.queue import SwAVQueueHandler, load_checkpoint_file
 from ignite_swav.sinkhorn import sinkhorn
@@ -26,5 +26,6 @@ __all__ = [
     "load_checkpoint_file",
     "multicrop_collate",
     "prepare_multicrop_batch",
+    "recalibrate_batchnorm",
     "sinkhorn",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from ignite_swav._validation import check_int, check_positive_float
 
-__all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features"]
+__all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
 
 def _image_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -50,10 +51,53 @@ def extract_features(
         backbone.train(was_training)
     if not features:
         raise ValueError("the loader gave no batch: features need at least one labelled image")
-    all_features, all_labels = torch.cat(features), torch.cat(labels).long()
-    if idist.get_world_size() > 1:
-        all_features, all_labels = idist.all_gather(all_features), idist.all_gather(all_labels)
-    return all_features, all_labels
+    return _gather_rows(torch.cat(features)), _gather_rows(torch.cat(labels).long())
+
+
+def _gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of every rank, in rank order; ranks may hold different numbers of rows."""
+    world_size = idist.get_world_size()
+    if world_size == 1:
+        return tensor
+    counts = idist.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = idist.all_gather(padded.unsqueeze(0)).view(world_size, *padded.shape)
+    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    backbone: nn.Module,
+    loader: Iterable[Any],
+    device: str | torch.device | None = None,
+    prepare_batch: Callable[[Any], tuple[Tensor, Tensor]] = _image_batch,
+) -> nn.Module:
+    """A copy of ``backbone`` in eval mode whose batch norm running statistics are those of ``loader``'s images.
+
+    Multi-crop training leaves running statistics of augmented crops; re-estimating them on the images that
+    are evaluated ("precise BN") measures the network as it will be used. The statistics are the average over
+    all batches, then over ranks. The backbone itself is not changed. Without batch norm layers, the backbone
+    is returned as it is.
+    """
+    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return backbone
+    copy = deepcopy(backbone)
+    layers = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches
+    copy.train()
+    for batch in loader:
+        images, _ = prepare_batch(batch)
+        copy(images.to(device) if device is not None else images)
+    world_size = idist.get_world_size()
+    for layer in layers:
+        if world_size > 1:
+            layer.running_mean.copy_(idist.all_reduce(layer.running_mean.clone()) / world_size)
+            layer.running_var.copy_(idist.all_reduce(layer.running_var.clone()) / world_size)
+    return copy.eval()
 
 
 class KNNAccuracy(Metric):
@@ -145,11 +189,14 @@ def create_knn_evaluator(
     temperature: float = 0.07,
     prepare_batch: Callable[[Any], tuple[Tensor, Tensor]] = _image_batch,
     metric_name: str = "knn_top1",
+    recalibrate_bn: bool = False,
 ) -> Engine:
     """An evaluator that embeds ``reference_loader`` at the start of each run, then scores its own data.
 
     ``evaluator.run(heldout_loader)`` gives ``evaluator.state.metrics[metric_name]``: the weighted k-NN top-1
-    of the held-out images against the reference bank, with the backbone as it is at that moment.
+    of the held-out images against the reference bank, with the backbone as it is at that moment (in eval
+    mode; with ``recalibrate_bn``, a copy whose batch norm statistics are re-estimated on the reference
+    images, see :func:`recalibrate_batchnorm`).
 
     Example:
         .. code-block:: python
@@ -162,25 +209,28 @@ def create_knn_evaluator(
                 print(evaluator.state.metrics["knn_top1"])
     """
     metric = KNNAccuracy(k=k, temperature=temperature)
+    # The network evaluated in this run (the backbone, or its recalibrated copy) and the backbone's mode.
+    evaluated: dict[str, Any] = {"net": backbone, "was_training": backbone.training}
 
     @torch.no_grad()
     def step(engine: Engine, batch: Any) -> tuple[Tensor, Tensor]:
-        backbone.eval()
         images, labels = prepare_batch(batch)
         images = images.to(device) if device is not None else images
-        return backbone(images).flatten(1).float(), labels
+        return evaluated["net"](images).flatten(1).float(), labels
 
     evaluator = Engine(step)
-    backbone_was_training = [backbone.training]
 
     @evaluator.on(Events.STARTED)
     def embed_reference(_: Engine) -> None:
-        backbone_was_training[0] = backbone.training
-        metric.set_reference(*extract_features(backbone, reference_loader, device=device, prepare_batch=prepare_batch))
+        evaluated["was_training"] = backbone.training
+        net = recalibrate_batchnorm(backbone, reference_loader, device, prepare_batch) if recalibrate_bn else backbone
+        evaluated["net"] = net.eval()
+        metric.set_reference(*extract_features(net, reference_loader, device=device, prepare_batch=prepare_batch))
 
     @evaluator.on(Events.COMPLETED)
     def restore_mode(_: Engine) -> None:
-        backbone.train(backbone_was_training[0])
+        evaluated["net"] = backbone
+        backbone.train(evaluated["was_training"])
 
     metric.attach(evaluator, metric_name)
     return evaluator

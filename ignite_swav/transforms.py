@@ -41,8 +41,8 @@ class MultiCropTransform:
     """SwAV's multi-crop augmentation: returns the list of crop tensors of one image, large crops first.
 
     Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
-    brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` with
-    probability 0.8, grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
+    brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` by default,
+    with probability 0.8; grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
     ``blur_sigma``, kernel about 10% of the crop), then conversion to float and normalisation. Accepts PIL
     images and ``(C, H, W)`` uint8 tensors; one-channel images are turned into RGB.
 
@@ -56,6 +56,8 @@ class MultiCropTransform:
         min_scale_crops: smallest area fraction of the image each kind of crop covers.
         max_scale_crops: largest area fraction.
         color_strength: scales the colour jitter (1.0 as in SwAV, 0.5 for CIFAR in SimCLR).
+        jitter: brightness, contrast, saturation and hue jitter at ``color_strength`` 1 (hue is capped at 0.5).
+        flip_prob: probability of the horizontal flip (0 for images whose mirror means something else).
         blur_prob: probability of the Gaussian blur (0 disables it).
         blur_sigma: range of the blur's standard deviation.
         mean: per-channel mean for normalisation.
@@ -77,6 +79,8 @@ class MultiCropTransform:
         min_scale_crops: Sequence[float] = (0.14, 0.05),
         max_scale_crops: Sequence[float] = (1.0, 0.14),
         color_strength: float = 1.0,
+        jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2),
+        flip_prob: float = 0.5,
         blur_prob: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -101,6 +105,10 @@ class MultiCropTransform:
                 )
         if not 0 <= color_strength:
             raise ValueError(f"color_strength must be >= 0, got {color_strength}")
+        if len(jitter) != 4 or min(jitter) < 0:
+            raise ValueError(f"jitter must be 4 values >= 0 (brightness, contrast, saturation, hue), got {jitter}")
+        if not 0 <= flip_prob <= 1:
+            raise ValueError(f"flip_prob must be a probability in [0, 1], got {flip_prob}")
         if not 0 <= blur_prob <= 1:
             raise ValueError(f"blur_prob must be a probability in [0, 1], got {blur_prob}")
         if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
@@ -108,15 +116,15 @@ class MultiCropTransform:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={mean}, std={std}")
 
-        s = color_strength
+        brightness, contrast, saturation, hue = (color_strength * j for j in jitter)
         self.crop_transforms: list[v2.Compose] = []
         for size, n, low, high in zip(self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops):
             steps: list[Any] = [
                 v2.ToImage(),
                 _ToRGB(),
                 v2.RandomResizedCrop(size, scale=(low, high), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=0.8),
+                v2.RandomHorizontalFlip(p=flip_prob),
+                v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, min(hue, 0.5))], p=0.8),
                 v2.RandomGrayscale(p=0.2),
             ]
             if blur_prob > 0:
@@ -143,15 +151,19 @@ class MultiCropTransform:
     def for_digits(cls, **overrides: Any) -> MultiCropTransform:
         """Settings for scikit-learn's 8x8 digits upscaled: 2x32 px + 4x16 px crops of large parts, no blur.
 
-        Digits are small, centred and gray: crops must keep most of the stroke (scales from 0.3), and the
-        colour jitter only acts on brightness and contrast.
+        Digits are small, centred and gray: the two views must stay close enough for a randomly initialised
+        network to see that they are the same digit, or SwAV sits at ``ln(K)`` for a long time (large crops
+        of 70-100% of the image, small ones of 42-70%, mild jitter); saturation and hue do nothing to gray
+        images and cost most of the time; a mirrored digit is another symbol, so there is no flip.
         """
         settings: dict[str, Any] = {
             "size_crops": (32, 16),
             "num_crops": (2, 4),
-            "min_scale_crops": (0.5, 0.3),
-            "max_scale_crops": (1.0, 0.6),
-            "color_strength": 0.5,
+            "min_scale_crops": (0.7, 0.42),
+            "max_scale_crops": (1.0, 0.7),
+            "color_strength": 0.25,
+            "jitter": (0.8, 0.8, 0.0, 0.0),
+            "flip_prob": 0.0,
             "blur_prob": 0.0,
             "mean": (0.3, 0.3, 0.3),
             "std": (0.37, 0.37, 0.37),

@@ -92,3 +92,30 @@ def test_evaluator_embeds_the_reference_with_the_backbone_each_run():
 def test_extract_features_refuses_an_empty_loader():
     with pytest.raises(ValueError, match="the loader gave no batch"):
         extract_features(nn.Identity(), [])
+
+
+def test_recalibrated_batchnorm_uses_the_statistics_of_the_given_images():
+    from ignite_swav import recalibrate_batchnorm
+
+    backbone = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    backbone.train()
+    data = [(torch.randn(50, 3) * 2 + 4, torch.zeros(50)) for _ in range(4)]
+    copy = recalibrate_batchnorm(backbone, data)
+    with torch.no_grad():
+        outputs = torch.cat([backbone[0](x) for x, _ in data])
+    assert torch.allclose(copy[1].running_mean, outputs.mean(0), atol=1e-5)
+    assert not copy.training and backbone.training
+    assert torch.equal(backbone[1].running_mean, torch.zeros(3))  # the original is untouched
+    plain = nn.Linear(3, 3)
+    assert recalibrate_batchnorm(plain, data) is plain
+
+
+def test_evaluator_with_recalibrated_batchnorm():
+    centres = torch.eye(3) * 4
+    ref = clusters(8, centres, 0.2, seed=0)
+    held = clusters(5, centres, 0.2, seed=1)
+    backbone = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    evaluator = create_knn_evaluator(backbone, [ref], k=3, recalibrate_bn=True)
+    evaluator.run([held])
+    assert evaluator.state.metrics["knn_top1"] == 1.0
+    assert torch.equal(backbone[1].running_mean, torch.zeros(3))

@@ -94,3 +94,30 @@ def test_a_projection_of_another_width_is_caught_at_forward():
     model = SwAVModel(TinyBackbone(16), nn.Linear(16, 6), SwAVPrototypes(8, 5))
     with pytest.raises(ValueError, match=r"embeddings of shape \(8, 6\), but the prototypes expect width 8"):
         model(random_crops(sizes=(8, 8)))
+
+
+def test_only_the_first_crop_size_updates_the_running_statistics():
+    model = tiny_swav_model()
+    bn = model.backbone.bn
+    large = [torch.randn(4, 3, 16, 16) + 3.0] * 2
+    small = [torch.randn(4, 3, 8, 8) - 5.0] * 3
+    model(large)
+    after_large = bn.running_mean.clone()
+    model.backbone.bn.reset_running_stats()
+    model(large + small)
+    assert torch.allclose(bn.running_mean, after_large)  # the small crops left no trace
+    assert bn.momentum == 0.1  # restored after the forward
+
+    blended = tiny_swav_model()
+    blended.running_stats_from_first_size = False
+    blended(large + small)
+    assert not torch.allclose(blended.backbone.bn.running_mean, after_large)
+
+
+def test_freezing_the_running_statistics_does_not_change_the_training_outputs():
+    crops = random_crops(sizes=(16, 16, 8, 8))
+    frozen, blended = tiny_swav_model(), tiny_swav_model()
+    blended.running_stats_from_first_size = False
+    for a, b in zip(frozen(crops), blended(crops)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)  # batch statistics in training either way

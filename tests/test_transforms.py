@@ -109,3 +109,28 @@ def test_collate_refuses_ragged_samples():
         multicrop_collate([[torch.zeros(3, 4, 4)] * 2, [torch.zeros(3, 4, 4)]])
     with pytest.raises(ValueError, match="empty batch"):
         multicrop_collate([])
+
+
+def test_flip_and_jitter_can_be_turned_off():
+    image = torch.arange(3 * 16 * 16, dtype=torch.float32).reshape(3, 16, 16).div(3 * 256).mul(255).to(torch.uint8)
+    transform = MultiCropTransform(
+        size_crops=(16,),
+        num_crops=(2,),
+        min_scale_crops=(1.0,),
+        max_scale_crops=(1.0,),
+        jitter=(0, 0, 0, 0),
+        flip_prob=0.0,
+        blur_prob=0.0,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
+    torch.manual_seed(0)
+    for _ in range(10):
+        crop = transform(image)[0]
+        if not torch.allclose(crop, image.float() / 255, atol=1e-6):
+            # only the random grayscale may change it; never a mirror
+            assert torch.allclose(crop[0], crop[1])
+    with pytest.raises(ValueError, match="jitter must be 4 values >= 0"):
+        MultiCropTransform(jitter=(0.8, 0.8))
+    with pytest.raises(ValueError, match=r"flip_prob must be a probability in \[0, 1\], got 2"):
+        MultiCropTransform(flip_prob=2)

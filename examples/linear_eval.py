@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Linear probe of a SwAV checkpoint written by train_swav.py: frozen backbone, one linear layer on top.
+
+    python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_570.pt
+
+The backbone's features of the training split and of the held-out split are computed once (frozen, eval
+mode, no augmentation); a linear classifier is trained on the training features and its top-1 on the held-out
+features is reported, next to the same probe on the network at random initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_swav  # noqa: E402
+
+from ignite_swav import extract_features, load_checkpoint_file  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train_swav.py")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data set folder (real data sets)")
+    parser.add_argument("--epochs", type=int, default=200, help="epochs of the linear classifier (full batch)")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear classifier (Adam)")
+    parser.add_argument("--output", type=Path, default=None, help="write the figures to this JSON file")
+    return parser
+
+
+def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint and the run settings stored in it; bad files raise ExampleError."""
+    if not path.is_file():
+        raise train_swav.ExampleError(f"--checkpoint '{path}' does not exist")
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except ValueError as error:
+        raise train_swav.ExampleError(str(error)) from None
+    config = checkpoint.get("history", {}).get("config") if isinstance(checkpoint, dict) else None
+    if not config or "model" not in checkpoint:
+        raise train_swav.ExampleError(f"--checkpoint '{path}' is not a checkpoint written by train_swav.py")
+    return checkpoint, config
+
+
+def train_linear(
+    train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float
+) -> float:
+    """Top-1 on ``heldout`` of a linear classifier trained on standardised ``train`` features."""
+    torch.manual_seed(0)
+    features, labels = train
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    classifier = nn.Linear(features.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        F.cross_entropy(classifier((features - mean) / std), labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        predicted = classifier((heldout[0] - mean) / std).argmax(dim=1)
+    return (predicted == heldout[1]).float().mean().item()
+
+
+def linear_probe(backbone: nn.Module, data: train_swav.DataBundle, epochs: int, lr: float) -> float:
+    loaders = [DataLoader(d, batch_size=256) for d in (data.reference, data.heldout)]
+    train, heldout = (extract_features(backbone, loader) for loader in loaders)
+    return train_linear(train, heldout, epochs, lr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        checkpoint, config = load_settings(args.checkpoint)
+        run_args = train_swav.parse_args(["--dataset", config["dataset"], "--data-dir", str(args.data_dir)])
+        for key, value in config.items():
+            setattr(run_args, key, value)
+        data = train_swav.build_data(run_args)
+        model = train_swav.build_model(run_args)
+        random_backbone = train_swav.build_model(run_args).backbone
+        model.load_state_dict(checkpoint["model"])
+    except train_swav.ExampleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = {
+        "linear_top1": linear_probe(model.backbone, data, args.epochs, args.lr),
+        "linear_top1_random_init": linear_probe(random_backbone, data, args.epochs, args.lr),
+        "checkpoint": str(args.checkpoint),
+        "epochs_pretrained": checkpoint["trainer"]["iteration"] // max(1, checkpoint["trainer"]["epoch_length"]),
+    }
+    print(
+        f"linear probe top-1 on the held-out split ({config['dataset']}):\n"
+        f"  SwAV pretrained       {results['linear_top1']:.4f}\n"
+        f"  same net, random init {results['linear_top1_random_init']:.4f}"
+    )
+    if args.output is not None:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The example scripts' functions on tiny settings: default run, resume, 2 ranks, data sets, bad input."""
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import linear_eval  # noqa: E402
+import train_swav  # noqa: E402
+
+# A few iterations of small batches: the code paths of the default run, not its figures.
+TINY = [
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "16",
+    "--max-iters-per-epoch",
+    "3",
+    "--queue-length",
+    "32",
+    "--epoch-queue-starts",
+    "0",
+]
+TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--freeze-prototypes-iters", "2"]
+
+
+def run(tmp_path: Path, *extra: str, out: str = "run") -> tuple[int, Path]:
+    output = tmp_path / out
+    return train_swav.main([*TINY, "--output-dir", str(output), *extra]), output
+
+
+def results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+def checkpoints(output: Path) -> list[Path]:
+    return sorted(output.glob("swav_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys):
+    status, output = run(tmp_path, "--epochs", "2")
+    assert status == 0
+    res = results(output)
+    for key in ("knn_top1", "knn_top1_random_init", "knn_top1_raw_pixels", "epochs", "images_per_s", "history"):
+        assert key in res
+    assert res["epochs"] == 2 and len(res["history"]) == 2
+    assert res["queue_used"]  # queue of 32 rows, 16 per step: used from the third step
+    assert 0 < res["knn_top1"] <= 1 and 0.9 < res["knn_top1_raw_pixels"] <= 1
+    assert (output / "history.png").stat().st_size > 0
+    assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
+    checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
+    assert set(checkpoint) == set(train_swav.CHECKPOINT_KEYS)
+    assert checkpoint["queue_handler"]["queue"].shape == (2, 32, 16)
+    printed = capsys.readouterr().out
+    assert "kNN top-1 0." in printed and "random init" in printed and "raw pixels" in printed
+
+
+def test_resume_continues_the_run_with_its_queue_and_history(tmp_path: Path):
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 0
+    first = checkpoints(output)[-1]
+    saved_queue = torch.load(first, weights_only=True)["queue_handler"]["queue"]
+    status, _ = run(tmp_path, "--epochs", "2", "--resume-from", str(first))
+    assert status == 0
+    res = results(output)
+    assert res["epochs"] == 2 and [r["epoch"] for r in res["history"]] == [1, 2]
+    assert res["history"][1]["queue_used"]
+    assert not torch.equal(
+        torch.load(checkpoints(output)[-1], weights_only=True)["queue_handler"]["queue"], saved_queue
+    )
+
+
+def test_two_processes_then_resume_on_one(tmp_path: Path):
+    status, output = run(tmp_path, "--epochs", "1", "--nproc-per-node", "2", "--backend", "gloo")
+    assert status == 0
+    res = results(output)
+    assert res["world_size"] == 2 and res["queue_used"]
+    saved = checkpoints(output)[-1]
+    queue = torch.load(saved, weights_only=True)["queue_handler"]["queue"]
+    assert queue.shape == (2, 32, 16)  # both ranks' 16 rows, gathered
+    # resume on 1 process: the queue is resharded, the schedule continues at epoch 2
+    status, _ = run(tmp_path, "--epochs", "2", "--resume-from", str(saved))
+    assert status == 0
+    res = results(output)
+    assert res["world_size"] == 1 and res["epochs"] == 2
+    assert res["history"][1]["queue_used"]
+
+
+def test_linear_eval_reads_a_checkpoint(tmp_path: Path, capsys):
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 0
+    out_file = tmp_path / "linear.json"
+    assert (
+        linear_eval.main(["--checkpoint", str(checkpoints(output)[-1]), "--epochs", "30", "--output", str(out_file)])
+        == 0
+    )
+    figures = json.loads(out_file.read_text())
+    assert 0 < figures["linear_top1"] <= 1 and 0 < figures["linear_top1_random_init"] <= 1
+    assert "linear probe top-1" in capsys.readouterr().out
+
+
+def test_train_linear_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    assert linear_eval.train_linear((x[:150], y[:150]), (x[150:], y[150:]), epochs=100, lr=0.1) > 0.95
+
+
+# ---------------------------------------------------------------------------------------------- data sets
+
+
+def write_fake_cifar10(root: Path, per_batch: int = 8) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), "labels": list(range(per_batch))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def write_fake_stl10(root: Path, n: int = 6) -> None:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test", "unlabeled"):
+        rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tofile(folder / f"{split}_X.bin")
+        if split != "unlabeled":
+            (np.arange(n, dtype=np.uint8) % 10 + 1).tofile(folder / f"{split}_y.bin")
+    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)))
+    (folder / "fold_indices.txt").write_text(" ".join(str(i) for i in range(n)))
+
+
+def write_fake_imagefolder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture
+def trust_fake_files(monkeypatch):
+    # torchvision checks the md5 of the real files; these fakes have the same format, not the same bytes
+    from torchvision import datasets
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(datasets.STL10, "_check_integrity", lambda self: True)
+
+
+def test_cifar10_trains_on_fake_data_of_the_real_format(tmp_path: Path, trust_fake_files):
+    write_fake_cifar10(tmp_path / "data")
+    args = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-small-stem"]
+    args += ["--batch-size", "8", "--eval-every", "1", "--max-iters-per-epoch", "2", "--queue-length", "0"]
+    args += ["--num-prototypes", "10", "--hidden-dim", "16", "--output-dir", str(tmp_path / "out")]
+    assert train_swav.main(args) == 0
+    assert results(tmp_path / "out")["epochs"] == 1
+
+
+def test_stl10_and_imagefolder_loaders_read_fake_data(tmp_path: Path, trust_fake_files):
+    write_fake_stl10(tmp_path / "stl")
+    data = train_swav.build_data(train_swav.parse_args(["--dataset", "stl10", "--data-dir", str(tmp_path / "stl")]))
+    crops, _ = data.pretrain[0]
+    assert [tuple(c.shape) for c in crops] == [(3, 96, 96)] * 2 + [(3, 48, 48)] * 4
+    image, label = data.heldout[0]
+    assert tuple(image.shape) == (3, 96, 96) and 0 <= label < 10
+
+    write_fake_imagefolder(tmp_path / "folder")
+    data = train_swav.build_data(
+        train_swav.parse_args(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--eval-size", "64"])
+    )
+    crops, label = data.pretrain[0]
+    assert len(crops) == 8 and tuple(crops[0].shape) == (3, 224, 224)
+    assert len(data.heldout) == 6 and tuple(data.heldout[0][0].shape) == (3, 64, 64)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_an_unknown_data_set_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_swav.parse_args(["--dataset", "mnist"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dataset", "cifar10", "--data-dir", "{tmp}/nothing"], "cifar10 was not found in .*pass --download"),
+        (["--dataset", "stl10", "--data-dir", "{tmp}/nothing"], "stl10 was not found in .*pass --download"),
+        (["--dataset", "imagefolder", "--data-dir", "{tmp}/nothing"], "imagefolder needs .*train"),
+        (["--resume-from", "{tmp}/missing.pt"], "--resume-from '.*missing.pt' does not exist"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--queue-length", "-5"], "--queue-length must be >= 0, got -5"),
+        (["--lr", "0"], "--lr must be > 0"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert train_swav.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_checkpoints_that_are_corrupted_or_of_another_model_are_refused(tmp_path: Path, capsys):
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 0
+    good = checkpoints(output)[-1]
+
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes(good.read_bytes()[:1000])
+    assert run(tmp_path, "--epochs", "2", "--resume-from", str(corrupted))[0] == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
+
+    assert run(tmp_path, "--epochs", "2", "--resume-from", str(good), "--feat-dim", "32")[0] == 2
+    assert "holds another model than --arch resnet18 with --feat-dim 32" in capsys.readouterr().err
+
+    not_ours = tmp_path / "other.pt"
+    torch.save({"model": {}}, not_ours)
+    assert run(tmp_path, "--epochs", "2", "--resume-from", str(not_ours))[0] == 2
+    assert "is not a checkpoint of this script" in capsys.readouterr().err
+
+    assert run(tmp_path, "--epochs", "1", "--resume-from", str(good))[0] == 2
+    assert "at epoch 1, which is not before --epochs 1" in capsys.readouterr().err
+
+
+def test_an_output_dir_of_another_run_is_refused_unless_resuming(tmp_path: Path, capsys):
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 0
+    assert run(tmp_path, "--epochs", "1")[0] == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints of another run (swav_checkpoint_3.pt)" in err and "--resume-from" in err
+
+
+def test_linear_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path, capsys):
+    path = tmp_path / "x.pt"
+    torch.save({"a": torch.zeros(1)}, path)
+    assert linear_eval.main(["--checkpoint", str(path)]) == 2
+    assert "not a checkpoint written by train_swav.py" in capsys.readouterr().err

@@ -61,16 +61,16 @@ CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "lr_scheduler", "queue_handl
 # Settings that differ per data set; every one can be overridden on the command line.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
-        "epochs": 30,
+        "epochs": 20,
         "batch_size": 64,
-        "lr": 0.1,
-        "epsilon": 0.03,
+        "lr": 0.05,
+        "epsilon": 0.025,
         "weight_decay": 1e-5,
         "warmup_epochs": 2,
         "num_prototypes": 64,
         "feat_dim": 64,
         "hidden_dim": 512,
-        "queue_length": 1024,
+        "queue_length": 256,
         "epoch_queue_starts": 3,
         "freeze_prototypes_iters": 20,
         "small_stem": False,
@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
     add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results.json and the plot")
     add("--resume-from", type=Path, default=None, help="checkpoint to continue from, up to --epochs")
-    add("--epochs", type=int, default=None, help="total epochs (digits: 30)")
+    add("--epochs", type=int, default=None, help="total epochs (digits: 20)")
     add("--batch-size", type=int, default=None, help="batch size per process (digits: 64)")
-    add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.3)")
+    add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.05)")
     add("--weight-decay", type=float, default=None, help="weight decay")
     add("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up before the cosine decay")
     add("--arch", choices=("resnet18", "resnet50"), default="resnet18", help="torchvision backbone")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epoch-queue-starts", type=int, default=None, help="epochs trained before the queue is created")
     add("--freeze-prototypes-iters", type=int, default=None, help="first iterations with frozen prototypes")
     add("--temperature", type=float, default=0.1, help="softmax temperature of the loss")
-    add("--epsilon", type=float, default=None, help="Sinkhorn regularisation (digits: 0.03, others 0.05)")
+    add("--epsilon", type=float, default=None, help="Sinkhorn regularisation (digits: 0.025, others 0.05)")
     add("--knn-k", type=int, default=20, help="neighbours of the k-NN probe")
     add("--eval-size", type=int, default=None, help="image size of the k-NN probe (digits: 32)")
     add("--eval-every", type=int, default=1, help="run the k-NN probe every N epochs")

@@ -133,8 +133,8 @@ class SwAVModel(nn.Module):
     as in SwAV, but with ``running_stats_from_first_size=True`` (default) only the first size (the large
     crops) updates the running statistics. Otherwise they end up a blend of large- and small-crop statistics
     that fits neither, and the network evaluated at full resolution (k-NN, linear probe, transfer) is
-    measurably worse: on the digits example after 100 iterations, k-NN top-1 0.898 with blended statistics,
-    0.917 with large-crop statistics.
+    measurably worse: in one measurement on digits (ResNet-18, 2x32 + 4x16 px crops, 100 iterations), k-NN
+    top-1 0.898 with blended statistics, 0.917 with large-crop statistics.
 
     Args:
         backbone: maps ``(N, C, H, W)`` images to ``(N, F)`` (or ``(N, F, 1, 1)``) features.

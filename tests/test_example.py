@@ -164,7 +164,7 @@ def trust_fake_files(monkeypatch):
 
 def test_cifar10_trains_on_fake_data_of_the_real_format(tmp_path: Path, trust_fake_files):
     write_fake_cifar10(tmp_path / "data")
-    args = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-small-stem"]
+    args = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-small-stem", "--num-workers", "0"]
     args += ["--batch-size", "8", "--eval-every", "1", "--max-iters-per-epoch", "2", "--queue-length", "0"]
     args += ["--num-prototypes", "10", "--hidden-dim", "16", "--output-dir", str(tmp_path / "out")]
     assert train_swav.main(args) == 0
@@ -255,3 +255,30 @@ def test_linear_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path, cap
     torch.save({"a": torch.zeros(1)}, path)
     assert linear_eval.main(["--checkpoint", str(path)]) == 2
     assert "not a checkpoint written by train_swav.py" in capsys.readouterr().err
+
+
+def test_killed_mid_run_the_newest_checkpoint_loads_and_the_run_finishes(tmp_path: Path):
+    import signal
+    import subprocess
+    import time
+
+    output = tmp_path / "killed"
+    script = Path(train_swav.__file__)
+    argv = [sys.executable, str(script), *TINY, "--epochs", "20", "--output-dir", str(output)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(checkpoints(output)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)  # wherever it is: training, evaluating or writing a checkpoint
+    finally:
+        process.wait()
+    saved = checkpoints(output)
+    assert saved, "no checkpoint was written before the kill"
+    newest = saved[-1]
+    epoch = torch.load(newest, weights_only=True)["trainer"]["iteration"] // 3
+    assert (
+        train_swav.main([*TINY, "--epochs", str(epoch + 1), "--output-dir", str(output), "--resume-from", str(newest)])
+        == 0
+    )
+    assert results(output)["epochs"] == epoch + 1

@@ -58,7 +58,24 @@ DATASETS = ("digits", "cifar10", "stl10", "imagefolder")
 CHECKPOINT_PREFIX = "swav"
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "lr_scheduler", "queue_handler", "history")
 
-# Settings that differ per data set; every one can be overridden on the command line.
+# The SwAV recipe for real data sets (per process batch, global queue), and what differs per data set; every
+# setting can be overridden on the command line.
+_REAL_DATA_DEFAULTS: dict[str, Any] = {
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.6,
+    "epsilon": 0.05,
+    "weight_decay": 1e-6,
+    "warmup_epochs": 10,
+    "num_prototypes": 3000,
+    "feat_dim": 128,
+    "hidden_dim": 2048,
+    "queue_length": 3840,
+    "epoch_queue_starts": 15,
+    "freeze_prototypes_iters": 313,
+    "small_stem": False,
+    "num_workers": 4,
+}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
         "epochs": 20,
@@ -77,57 +94,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_size": 32,
         "num_workers": 1,
     },
-    "cifar10": {
-        "epochs": 200,
-        "batch_size": 256,
-        "lr": 0.6,
-        "epsilon": 0.05,
-        "weight_decay": 1e-6,
-        "warmup_epochs": 10,
-        "num_prototypes": 1000,
-        "feat_dim": 128,
-        "hidden_dim": 2048,
-        "queue_length": 3840,
-        "epoch_queue_starts": 15,
-        "freeze_prototypes_iters": 313,
-        "small_stem": True,
-        "eval_size": 32,
-        "num_workers": 4,
-    },
-    "stl10": {
-        "epochs": 200,
-        "batch_size": 256,
-        "lr": 0.6,
-        "epsilon": 0.05,
-        "weight_decay": 1e-6,
-        "warmup_epochs": 10,
-        "num_prototypes": 3000,
-        "feat_dim": 128,
-        "hidden_dim": 2048,
-        "queue_length": 3840,
-        "epoch_queue_starts": 15,
-        "freeze_prototypes_iters": 313,
-        "small_stem": False,
-        "eval_size": 96,
-        "num_workers": 4,
-    },
-    "imagefolder": {
-        "epochs": 100,
-        "batch_size": 64,
-        "lr": 0.6,
-        "epsilon": 0.05,
-        "weight_decay": 1e-6,
-        "warmup_epochs": 10,
-        "num_prototypes": 3000,
-        "feat_dim": 128,
-        "hidden_dim": 2048,
-        "queue_length": 3840,
-        "epoch_queue_starts": 15,
-        "freeze_prototypes_iters": 5005,
-        "small_stem": False,
-        "eval_size": 224,
-        "num_workers": 8,
-    },
+    "cifar10": _REAL_DATA_DEFAULTS | {"num_prototypes": 1000, "small_stem": True, "eval_size": 32},
+    "stl10": _REAL_DATA_DEFAULTS | {"eval_size": 96},
+    "imagefolder": _REAL_DATA_DEFAULTS
+    | {"epochs": 100, "batch_size": 64, "freeze_prototypes_iters": 5005, "eval_size": 224, "num_workers": 8},
 }
 
 

@@ -23,14 +23,19 @@ def sgd(model, lr=0.1):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
 
-def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
-    model = tiny_swav_model()
+def trainer_with_queue(seed: int = 0):
+    """A trainer with a queue of 8 rows from the second epoch; returns it and its objects to checkpoint."""
+    model = tiny_swav_model(seed=seed)
     loss_fn = SwAVLoss()
     optimizer = sgd(model)
     trainer = create_swav_trainer(model, loss_fn, optimizer)
     handler = SwAVQueueHandler(loss_fn, batch_size=4, epoch_queue_starts=1, feat_dim=8, queue_length=8)
     handler.attach(trainer)
-    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
+    return trainer, {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
+
+
+def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
+    trainer, to_save = trainer_with_queue()
     trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False)))
     outputs, first_use = [], []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
@@ -42,17 +47,11 @@ def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
     assert first_use == [7]
     assert (tmp_path / "checkpoint_12.pt").exists()
 
-    # resume from the checkpoint: the queue is back and used at once
-    model2 = tiny_swav_model(seed=1)
-    loss2 = SwAVLoss()
-    optimizer2 = sgd(model2)
-    trainer2 = create_swav_trainer(model2, loss2, optimizer2)
-    handler2 = SwAVQueueHandler(loss2, batch_size=4, epoch_queue_starts=1, feat_dim=8, queue_length=8)
-    handler2.attach(trainer2)
-    to_load = {"model": model2, "optimizer": optimizer2, "trainer": trainer2, "queue_handler": handler2}
+    # resume from the checkpoint into other objects: the queue is back and used at once
+    trainer2, to_load = trainer_with_queue(seed=1)
     Checkpoint.load_objects(to_load, tmp_path / "checkpoint_12.pt")
-    assert torch.equal(handler2.queue, handler.queue)
-    for a, b in zip(model.parameters(), model2.parameters()):
+    assert torch.equal(to_load["queue_handler"].queue, to_save["queue_handler"].queue)
+    for a, b in zip(to_save["model"].parameters(), to_load["model"].parameters()):
         assert torch.equal(a, b)
     resumed = []
     trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: resumed.append(e.state.output["use_queue"]))

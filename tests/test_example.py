@@ -164,7 +164,17 @@ def trust_fake_files(monkeypatch):
 
 def test_cifar10_trains_on_fake_data_of_the_real_format(tmp_path: Path, trust_fake_files):
     write_fake_cifar10(tmp_path / "data")
-    args = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-small-stem", "--num-workers", "0"]
+    args = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "1",
+        "--no-small-stem",
+        "--num-workers",
+        "0",
+    ]
     args += ["--batch-size", "8", "--eval-every", "1", "--max-iters-per-epoch", "2", "--queue-length", "0"]
     args += ["--num-prototypes", "10", "--hidden-dim", "16", "--output-dir", str(tmp_path / "out")]
     assert train_swav.main(args) == 0

@@ -83,7 +83,6 @@ class SwAVLoss(nn.Module):
         batch_size = self._check_inputs(scores, embeddings, prototypes)
         num_crops = len(scores)
         assigned = list(self.crops_for_assign)
-        self._check_finite(scores, embeddings, assigned)
 
         # Every crop's log-probabilities once, and their sum: the loss of assigned crop i is then
         # -(q_i * (sum_v log_p_v - log_p_i)), the other crops' terms in one product.
@@ -92,27 +91,43 @@ class SwAVLoss(nn.Module):
 
         loss = scores[0].new_zeros((), dtype=torch.float32)
         for slot, crop in enumerate(assigned):
-            codes = self._codes(slot, scores[crop], embeddings[crop], prototypes, batch_size)
+            codes = self._codes(slot, scores[crop], prototypes)
             cross_entropy = -(codes * (log_probs_sum - log_probs[crop])).sum(dim=1).mean()
             loss = loss + cross_entropy / (num_crops - 1)
-        return loss / len(assigned)
+        loss = loss / len(assigned)
+
+        # One check of a scalar (and of the small embeddings to store), for every rank at once, before anything
+        # is pushed into the queue; the crops are looked at only when something is wrong.
+        assigned_embeddings = [embeddings[c].detach() for c in assigned]
+        if any(non_finite_on_any_rank([loss.detach(), *assigned_embeddings])):
+            self._raise_non_finite(scores, embeddings, assigned)
+        if self.queue is not None:
+            for slot, crop_embeddings in enumerate(assigned_embeddings):
+                self._push(slot, crop_embeddings, batch_size)
+        return loss
 
     @torch.no_grad()
-    def _codes(self, slot: int, scores: Tensor, embeddings: Tensor, prototypes: Tensor, batch_size: int) -> Tensor:
+    def _codes(self, slot: int, scores: Tensor, prototypes: Tensor) -> Tensor:
         queue_scores = None
         queue = self.queue
         if queue is not None:
             if not self.use_queue and bool(queue[slot, -1].ne(0).any()):
                 self.use_queue = True
             if self.use_queue:
-                # Scores of the stored embeddings under the current prototypes: read before the push below.
+                # Scores of the stored embeddings under the current prototypes, read before this step's push.
                 queue_scores = queue[slot] @ prototypes.detach().to(queue.dtype).t()
-            length = queue.shape[1]
-            pushed = min(batch_size, length)
-            if pushed < length:
-                queue[slot, pushed:] = queue[slot, : length - pushed].clone()
-            queue[slot, :pushed] = embeddings[:pushed].detach().to(queue.dtype)
         return sinkhorn_codes(scores, queue_scores, iterations=self.sinkhorn_iterations, epsilon=self.epsilon)
+
+    @torch.no_grad()
+    def _push(self, slot: int, embeddings: Tensor, batch_size: int) -> None:
+        # Newest rows first: shift the queue down by the batch and write the batch on top.
+        queue = self.queue
+        assert queue is not None
+        length = queue.shape[1]
+        pushed = min(batch_size, length)
+        if pushed < length:
+            queue[slot, pushed:] = queue[slot, : length - pushed].clone()
+        queue[slot, :pushed] = embeddings[:pushed].to(queue.dtype)
 
     def _check_inputs(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> int:
         for name, value in (("scores", scores), ("embeddings", embeddings)):
@@ -174,14 +189,16 @@ class SwAVLoss(nn.Module):
         return batch_size
 
     @staticmethod
-    def _check_finite(scores: Sequence[Tensor], embeddings: Sequence[Tensor], assigned: list[int]) -> None:
-        # One check for every rank at once, before anything is pushed into the queue.
+    def _raise_non_finite(scores: Sequence[Tensor], embeddings: Sequence[Tensor], assigned: list[int]) -> None:
         named = [(f"scores[{v}]", s) for v, s in enumerate(scores)]
         named += [(f"embeddings[{c}]", embeddings[c]) for c in assigned]
         flags = non_finite_on_any_rank([t.detach() for _, t in named])
         bad = [name for (name, _), flag in zip(named, flags) if flag]
-        if bad:
-            raise ValueError(
-                f"non-finite values (NaN or inf) in {', '.join(bad)} (on this rank or another one): the model's "
-                "output diverged; the loss was not computed and the queue was left unchanged"
-            )
+        where = (
+            f"in {', '.join(bad)}: the model's output diverged"
+            if bad
+            else "in the loss although the scores are finite: the scores are too large for the temperature"
+        )
+        raise ValueError(
+            f"non-finite values (NaN or inf) {where} (on this rank or another one); the queue was left unchanged"
+        )

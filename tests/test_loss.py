@@ -185,3 +185,14 @@ def test_a_queue_of_the_wrong_shape_is_refused():
     loss_fn.queue = torch.zeros(2, 8, 16)
     with pytest.raises(ValueError, match=r"queue has shape \(2, 8, 16\), expected \(2, length, 8\)"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
+
+
+def test_a_loss_that_overflows_with_finite_scores_is_named():
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(2, 4, 8, prototypes)
+    huge = [s * 3e37 for s in scores]  # finite, but scores / temperature overflow
+    loss_fn = SwAVLoss()
+    loss_fn.queue = torch.zeros(2, 8, 8)
+    with pytest.raises(ValueError, match="in the loss although the scores are finite"):
+        loss_fn(scores=huge, embeddings=embeddings, prototypes=prototypes)
+    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))

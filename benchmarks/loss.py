@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Time one forward+backward of the SwAV loss: ignite-swav's SwAVLoss against a loop written from the
+paper's formulas (matrix rescaled twice per Sinkhorn iteration) and, when installed, lightly's SwaVLoss
+(``pip install lightly --no-deps``). Interleaved, in one process, on the same inputs; prints medians.
+
+    python benchmarks/loss.py                      # the reference case: batch 64, 2+6 crops, K 3000, queue 3840
+    python benchmarks/loss.py --grid               # batch {32, 64, 256} x queue {0, 3840, 16384} x K {512, 3000}
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ignite_swav import SwAVLoss
+
+FEAT_DIM = 128
+TEMPERATURE, EPSILON, ITERATIONS = 0.1, 0.05, 3
+
+
+def paper_loop(scores, embeddings, prototypes, queue):
+    """SwAV's loss as the paper's pseudo-code writes it: queue rows prepended, the matrix rescaled in place."""
+    batch = scores[0].shape[0]
+    loss = 0.0
+    for slot, crop in enumerate((0, 1)):
+        with torch.no_grad():
+            out = scores[crop].detach()
+            if queue is not None:
+                out = torch.cat([queue[slot] @ prototypes.t(), out])
+            q = torch.exp(out / EPSILON).t()
+            q /= q.sum()
+            k, b = q.shape
+            for _ in range(ITERATIONS):
+                q /= q.sum(dim=1, keepdim=True)
+                q /= k
+                q /= q.sum(dim=0, keepdim=True)
+                q /= b
+            q = (q * b).t()[-batch:]
+        sub = 0.0
+        for v in range(len(scores)):
+            if v != crop:
+                sub -= (q * F.log_softmax(scores[v] / TEMPERATURE, dim=1)).sum(dim=1).mean()
+        loss += sub / (len(scores) - 1)
+    return loss / 2
+
+
+def lightly_loss() -> Callable | None:
+    try:
+        from lightly.loss import SwaVLoss
+    except Exception:
+        return None
+    loss = SwaVLoss(temperature=TEMPERATURE, sinkhorn_epsilon=EPSILON, sinkhorn_iterations=ITERATIONS)
+
+    def run(scores, embeddings, prototypes, queue):
+        queue_outputs = None if queue is None else [q @ prototypes.t() for q in queue]
+        return loss(scores[:2], scores[2:], queue_outputs)
+
+    return run
+
+
+def ours() -> Callable:
+    loss = SwAVLoss(crops_for_assign=(0, 1), temperature=TEMPERATURE, epsilon=EPSILON, sinkhorn_iterations=ITERATIONS)
+
+    def run(scores, embeddings, prototypes, queue):
+        # a full queue that is not modified between runs: SwAVLoss pushes the batch, so hand it a copy
+        loss.queue = None if queue is None else queue.clone()
+        loss.use_queue = queue is not None
+        return loss(scores=scores, embeddings=embeddings, prototypes=prototypes)
+
+    return run
+
+
+def make_inputs(batch: int, queue_length: int, num_prototypes: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prototypes = F.normalize(torch.randn(num_prototypes, FEAT_DIM, generator=g), dim=1)
+    embeddings = [F.normalize(torch.randn(batch, FEAT_DIM, generator=g), dim=1) for _ in range(8)]
+    queue = F.normalize(torch.randn(2, queue_length, FEAT_DIM, generator=g), dim=2) if queue_length else None
+    return embeddings, prototypes, queue
+
+
+def time_case(candidates: dict[str, Callable], batch: int, queue_length: int, num_prototypes: int, repeats: int):
+    embeddings, prototypes, queue = make_inputs(batch, queue_length, num_prototypes)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    values: dict[str, float] = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in candidates.items():
+            z = [e.clone().requires_grad_() for e in embeddings]
+            scores = [e @ prototypes.t() for e in z]
+            start = time.perf_counter()
+            value = fn(scores, z, prototypes, queue)
+            value.backward()
+            times[name].append(time.perf_counter() - start)
+            values[name] = value.item()
+    return {name: statistics.median(t[1:]) for name, t in times.items()}, values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", action="store_true", help="the whole grid instead of the reference case")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--verbose", action="store_true", help="print the loss values too")
+    args = parser.parse_args()
+    candidates: dict[str, Callable] = {"ignite-swav": ours(), "paper loop": paper_loop}
+    lightly = lightly_loss()
+    if lightly is not None:
+        candidates["lightly"] = lightly
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("one forward+backward, 2+6 crops, feat_dim 128, median of", args.repeats, "runs (ms)")
+    cases = list(itertools.product((32, 64, 256), (0, 3840, 16384), (512, 3000))) if args.grid else [(64, 3840, 3000)]
+    header = f"{'batch':>5} {'queue':>6} {'K':>5} " + " ".join(f"{name:>12}" for name in candidates)
+    print(header + "   max |loss difference|")
+    for batch, queue_length, num_prototypes in cases:
+        medians, values = time_case(candidates, batch, queue_length, num_prototypes, args.repeats)
+        spread = max(values.values()) - min(values.values())
+        if args.verbose:
+            print("  loss values:", {name: round(v, 7) for name, v in values.items()})
+        cells = " ".join(f"{medians[name] * 1000:12.1f}" for name in candidates)
+        print(f"{batch:>5} {queue_length:>6} {num_prototypes:>5} {cells}   {spread:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -392,8 +392,8 @@ def _log(message: str) -> None:
 def knn_top1(backbone: nn.Module, data: DataBundle, args: argparse.Namespace) -> float:
     """Weighted k-NN top-1 of ``backbone``'s features (all ranks take part).
 
-    The batch norm statistics are re-estimated on the reference images first, for the pretrained and the
-    randomly initialised network alike: multi-crop training leaves statistics of augmented crops.
+    The standard protocol, for the pretrained and the randomly initialised network alike: eval mode with the
+    network's own batch norm statistics.
     """
     evaluator = create_knn_evaluator(backbone, _eval_loader(data.reference, args), device=idist.device(), k=args.knn_k)
     evaluator.run(_eval_loader(data.heldout, args))

@@ -76,8 +76,9 @@ def recalibrate_batchnorm(
     """A copy of ``backbone`` in eval mode whose batch norm running statistics are those of ``loader``'s images.
 
     Multi-crop training leaves running statistics of augmented crops; re-estimating them on the images that
-    are evaluated ("precise BN") measures the network as it will be used. The statistics are the average over
-    all batches, then over ranks. The backbone itself is not changed. Without batch norm layers, the backbone
+    are evaluated ("precise BN") is an alternative evaluation protocol: report which one you use, and use the
+    same for every network you compare. The statistics are the average over all batches, then over ranks.
+    The backbone itself is not changed. Without batch norm layers, the backbone
     is returned as it is.
     """
     layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

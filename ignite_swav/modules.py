@@ -26,8 +26,9 @@ class SwAVProjectionHead(nn.Module):
         >>> import torch
         >>> from ignite_swav import SwAVProjectionHead
         >>> head = SwAVProjectionHead(512, hidden_dim=2048, out_dim=128)
-        >>> head(torch.randn(4, 512)).norm(dim=1)
-        tensor([1.0000, 1.0000, 1.0000, 1.0000], grad_fn=<LinalgVectorNormBackward0>)
+        >>> embeddings = head(torch.randn(4, 512))
+        >>> embeddings.shape, torch.allclose(embeddings.norm(dim=1), torch.ones(4))
+        (torch.Size([4, 128]), True)
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> None:

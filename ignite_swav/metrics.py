@@ -26,6 +26,13 @@ def _image_batch(batch: Any) -> tuple[Tensor, Tensor]:
     return batch[0], batch[1]
 
 
+def _prepared(
+    batch: Any, prepare_batch: Callable[[Any], tuple[Tensor, Tensor]], device: str | torch.device | None
+) -> tuple[Tensor, Tensor]:
+    images, labels = prepare_batch(batch)
+    return (images.to(device) if device is not None else images), labels
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -43,8 +50,7 @@ def extract_features(
     features, labels = [], []
     try:
         for batch in loader:
-            images, targets = prepare_batch(batch)
-            images = images.to(device) if device is not None else images
+            images, targets = _prepared(batch, prepare_batch, device)
             features.append(F.normalize(backbone(images).flatten(1).float(), dim=1))
             labels.append(targets.to(features[-1].device))
     finally:
@@ -91,8 +97,7 @@ def recalibrate_batchnorm(
         layer.momentum = None  # cumulative average over the batches
     copy.train()
     for batch in loader:
-        images, _ = prepare_batch(batch)
-        copy(images.to(device) if device is not None else images)
+        copy(_prepared(batch, prepare_batch, device)[0])
     world_size = idist.get_world_size()
     for layer in layers:
         if world_size > 1:
@@ -215,8 +220,7 @@ def create_knn_evaluator(
 
     @torch.no_grad()
     def step(engine: Engine, batch: Any) -> tuple[Tensor, Tensor]:
-        images, labels = prepare_batch(batch)
-        images = images.to(device) if device is not None else images
+        images, labels = _prepared(batch, prepare_batch, device)
         return evaluated["net"](images).flatten(1).float(), labels
 
     evaluator = Engine(step)

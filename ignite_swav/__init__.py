@@ -1,17 +1,20 @@
 """ignite-swav: SwAV self-supervised learning for PyTorch-Ignite."""
 
+from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
 from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_multicrop_batch
 from ignite_swav.loss import SwAVLoss
 from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 from ignite_swav.queue import SwAVQueueHandler, load_checkpoint_file
 from ignite_swav.sinkhorn import sinkhorn
-from ignite_swav.transforms import MultiCropTransform, multicrop_collate
+from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, multicrop_collate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchedMultiCrop",
     "KNNAccuracy",
+    "MultiCropSettings",
     "MultiCropTransform",
     "SwAVEvents",
     "SwAVLoss",
@@ -20,6 +23,7 @@ __all__ = [
     "SwAVPrototypes",
     "SwAVQueueHandler",
     "__version__",
+    "collate_images",
     "create_knn_evaluator",
     "create_swav_trainer",
     "extract_features",

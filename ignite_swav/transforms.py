@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -11,7 +11,9 @@ from torchvision.transforms import v2
 
 from ignite_swav._validation import check_int
 
-__all__ = ["MultiCropTransform", "multicrop_collate"]
+__all__ = ["MultiCropSettings", "MultiCropTransform", "multicrop_collate"]
+
+_Settings = TypeVar("_Settings", bound="MultiCropSettings")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,39 +39,12 @@ def _check_per_size(name: str, value: Sequence[Any], count: int) -> tuple[Any, .
     return tuple(value)
 
 
-class MultiCropTransform:
-    """SwAV's multi-crop augmentation: returns the list of crop tensors of one image, large crops first.
+class MultiCropSettings:
+    """The validated settings of a SwAV multi-crop augmentation, and the usual presets.
 
-    Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
-    brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` by default,
-    with probability 0.8; grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
-    ``blur_sigma``, kernel about 10% of the crop), then conversion to float and normalisation. Accepts PIL
-    images and ``(C, H, W)`` uint8 tensors; one-channel images are turned into RGB.
-
-    Small images: the crop sizes are output sizes, so 8 px digits upscaled to 32 px crops need nothing more
-    than ``size_crops=(32, 16)``; :meth:`for_cifar` and :meth:`for_digits` give the usual settings without
-    hand edits (no blur, which destroys 32 px images; smaller crops; data set statistics).
-
-    Args:
-        size_crops: output size of each kind of crop.
-        num_crops: how many crops of each size.
-        min_scale_crops: smallest area fraction of the image each kind of crop covers.
-        max_scale_crops: largest area fraction.
-        color_strength: scales the colour jitter (1.0 as in SwAV, 0.5 for CIFAR in SimCLR).
-        jitter: brightness, contrast, saturation and hue jitter at ``color_strength`` 1 (hue is capped at 0.5).
-        flip_prob: probability of the horizontal flip (0 for images whose mirror means something else).
-        blur_prob: probability of the Gaussian blur (0 disables it).
-        blur_sigma: range of the blur's standard deviation.
-        mean: per-channel mean for normalisation.
-        std: per-channel standard deviation for normalisation.
-
-    Example:
-        >>> import torch
-        >>> from ignite_swav import MultiCropTransform
-        >>> transform = MultiCropTransform(size_crops=(32, 16), num_crops=(2, 4))
-        >>> crops = transform(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8))
-        >>> [tuple(c.shape) for c in crops][1:3]
-        [(3, 32, 32), (3, 16, 16)]
+    :class:`MultiCropTransform` (per image, torchvision transforms, in DataLoader workers) and
+    :class:`~ignite_swav.BatchedMultiCrop` (per batch, on the batch's device) share them, so that one preset
+    means the same augmentation in both. Arguments as in :class:`MultiCropTransform`.
     """
 
     def __init__(
@@ -115,25 +90,20 @@ class MultiCropTransform:
             raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={mean}, std={std}")
+        self.color_strength = float(color_strength)
+        # brightness, contrast, saturation and hue at this strength (torchvision caps hue at 0.5)
+        strengths = [color_strength * j for j in jitter]
+        self.jitter_strengths = (strengths[0], strengths[1], strengths[2], min(strengths[3], 0.5))
+        self.flip_prob, self.blur_prob = float(flip_prob), float(blur_prob)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._build()
 
-        brightness, contrast, saturation, hue = (color_strength * j for j in jitter)
-        self.crop_transforms: list[v2.Compose] = []
-        for size, n, low, high in zip(self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops):
-            steps: list[Any] = [
-                v2.ToImage(),
-                _ToRGB(),
-                v2.RandomResizedCrop(size, scale=(low, high), antialias=True),
-                v2.RandomHorizontalFlip(p=flip_prob),
-                v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, min(hue, 0.5))], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-            ]
-            if blur_prob > 0:
-                steps.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel_size(size), blur_sigma)], p=blur_prob))
-            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-            self.crop_transforms += [v2.Compose(steps)] * n
+    def _build(self) -> None:
+        """Subclasses build their pipeline from the validated settings here."""
 
     @classmethod
-    def for_cifar(cls, **overrides: Any) -> MultiCropTransform:
+    def for_cifar(cls: type[_Settings], **overrides: Any) -> _Settings:
         """Settings for 32 px images (CIFAR-10): 2x32 px + 4x16 px crops, colour strength 0.5, no blur."""
         settings: dict[str, Any] = {
             "size_crops": (32, 16),
@@ -148,7 +118,7 @@ class MultiCropTransform:
         return cls(**(settings | overrides))
 
     @classmethod
-    def for_digits(cls, **overrides: Any) -> MultiCropTransform:
+    def for_digits(cls: type[_Settings], **overrides: Any) -> _Settings:
         """Settings for scikit-learn's 8x8 digits upscaled: 2x32 px + 4x16 px crops of large parts, no blur.
 
         Digits are small, centred and gray: the two views must stay close enough for a randomly initialised
@@ -173,17 +143,87 @@ class MultiCropTransform:
     @property
     def total_crops(self) -> int:
         """Number of crops per image."""
-        return len(self.crop_transforms)
+        return sum(self.num_crops)
 
-    def __call__(self, image: Any) -> list[Tensor]:
-        """The crops of ``image`` (PIL image or ``(C, H, W)`` tensor), large crops first."""
-        return [transform(image) for transform in self.crop_transforms]
+    def settings(self) -> dict[str, Any]:
+        """The arguments that rebuild these settings (``type(self)(**s.settings())``)."""
+        return {
+            "size_crops": self.size_crops,
+            "num_crops": self.num_crops,
+            "min_scale_crops": self.min_scale_crops,
+            "max_scale_crops": self.max_scale_crops,
+            "color_strength": 1.0,
+            "jitter": self.jitter_strengths,
+            "flip_prob": self.flip_prob,
+            "blur_prob": self.blur_prob,
+            "blur_sigma": self.blur_sigma,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size_crops={self.size_crops}, num_crops={self.num_crops}, "
             f"min_scale_crops={self.min_scale_crops}, max_scale_crops={self.max_scale_crops})"
         )
+
+
+class MultiCropTransform(MultiCropSettings):
+    """SwAV's multi-crop augmentation: returns the list of crop tensors of one image, large crops first.
+
+    Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
+    brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` by default,
+    with probability 0.8; grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
+    ``blur_sigma``, kernel about 10% of the crop), then conversion to float and normalisation. Accepts PIL
+    images and ``(C, H, W)`` uint8 tensors; one-channel images are turned into RGB.
+
+    Small images: the crop sizes are output sizes, so 8 px digits upscaled to 32 px crops need nothing more
+    than ``size_crops=(32, 16)``; :meth:`for_cifar` and :meth:`for_digits` give the usual settings without
+    hand edits (no blur, which destroys 32 px images; smaller crops; data set statistics).
+
+    Args:
+        size_crops: output size of each kind of crop.
+        num_crops: how many crops of each size.
+        min_scale_crops: smallest area fraction of the image each kind of crop covers.
+        max_scale_crops: largest area fraction.
+        color_strength: scales the colour jitter (1.0 as in SwAV, 0.5 for CIFAR in SimCLR).
+        jitter: brightness, contrast, saturation and hue jitter at ``color_strength`` 1 (hue is capped at 0.5).
+        flip_prob: probability of the horizontal flip (0 for images whose mirror means something else).
+        blur_prob: probability of the Gaussian blur (0 disables it).
+        blur_sigma: range of the blur's standard deviation.
+        mean: per-channel mean for normalisation.
+        std: per-channel standard deviation for normalisation.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import MultiCropTransform
+        >>> transform = MultiCropTransform(size_crops=(32, 16), num_crops=(2, 4))
+        >>> crops = transform(torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8))
+        >>> [tuple(c.shape) for c in crops][1:3]
+        [(3, 32, 32), (3, 16, 16)]
+    """
+
+    def _build(self) -> None:
+        brightness, contrast, saturation, hue = self.jitter_strengths
+        self.crop_transforms: list[v2.Compose] = []
+        for size, n, low, high in zip(self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops):
+            steps: list[Any] = [
+                v2.ToImage(),
+                _ToRGB(),
+                v2.RandomResizedCrop(size, scale=(low, high), antialias=True),
+                v2.RandomHorizontalFlip(p=self.flip_prob),
+                v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+            ]
+            if self.blur_prob > 0:
+                kernel = _blur_kernel_size(size)
+                steps.append(v2.RandomApply([v2.GaussianBlur(kernel, self.blur_sigma)], p=self.blur_prob))
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+            self.crop_transforms += [v2.Compose(steps)] * n
+
+    def __call__(self, image: Any) -> list[Tensor]:
+        """The crops of ``image`` (PIL image or ``(C, H, W)`` tensor), large crops first."""
+        return [transform(image) for transform in self.crop_transforms]
 
 
 def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:

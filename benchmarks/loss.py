@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _machine import describe
 
 from ignite_swav import SwAVLoss
 
@@ -111,8 +111,7 @@ def main() -> None:
     lightly = lightly_loss()
     if lightly is not None:
         candidates["lightly"] = lightly
-    machine = platform.processor() or platform.machine()
-    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(describe("cpu"))
     print("one forward+backward, 2+6 crops, feat_dim 128, median of", args.repeats, "runs (ms)")
     cases = list(itertools.product((32, 64, 256), (0, 3840, 16384), (512, 3000))) if args.grid else [(64, 3840, 3000)]
     header = f"{'batch':>5} {'queue':>6} {'K':>5} " + " ".join(f"{name:>12}" for name in candidates)

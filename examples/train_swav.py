@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from ignite_swav import (
+    BatchedMultiCrop,
     MultiCropTransform,
     SwAVEvents,
     SwAVLoss,
@@ -47,6 +48,7 @@ from ignite_swav import (
     SwAVProjectionHead,
     SwAVPrototypes,
     SwAVQueueHandler,
+    collate_images,
     create_knn_evaluator,
     create_swav_trainer,
     load_checkpoint_file,
@@ -75,6 +77,7 @@ _REAL_DATA_DEFAULTS: dict[str, Any] = {
     "freeze_prototypes_iters": 313,
     "small_stem": False,
     "num_workers": 4,
+    "gpu_augment": False,
 }
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
@@ -93,6 +96,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "small_stem": False,
         "eval_size": 32,
         "num_workers": 1,
+        "gpu_augment": True,
     },
     "cifar10": _REAL_DATA_DEFAULTS | {"num_prototypes": 1000, "small_stem": True, "eval_size": 32},
     "stl10": _REAL_DATA_DEFAULTS | {"eval_size": 96},
@@ -136,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-every", type=int, default=1, help="run the k-NN probe every N epochs")
     add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")
     add("--backend", choices=("gloo", "nccl"), default=None, help="distributed backend (default: none, 1 process)")
+    add(
+        "--gpu-augment",
+        "--batched-augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="multi-crop whole batches on the training device (GPU, or CPU) with BatchedMultiCrop, so that the "
+        "DataLoader only loads images; --no-gpu-augment crops image by image in the workers (digits: on)",
+    )
+    add("--compile", action="store_true", help="torch.compile the model's forward (slow first steps)")
     add("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 with a GradScaler on CUDA")
     add("--num-workers", type=int, default=None, help="DataLoader worker processes per training process (digits: 1)")
     add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
@@ -242,22 +255,29 @@ def _torchvision_dataset(name: str, factory: Any, data_dir: Path, download: bool
 
 
 def build_data(args: argparse.Namespace) -> DataBundle:
-    """The pretraining, reference and held-out data sets of ``args.dataset``."""
+    """The pretraining, reference and held-out data sets of ``args.dataset``; with ``args.gpu_augment`` the
+    pretraining set gives uint8 images and the crops are made on the training device."""
     from torchvision import datasets
 
+    batched = bool(getattr(args, "gpu_augment", False))
+    to_tensor = v2.PILToTensor() if batched else None
     if args.dataset == "digits":
         multicrop = MultiCropTransform.for_digits()
         evaluate = _eval_transform(args.eval_size, multicrop)
         train, heldout = digits_split(args.seed)
         return DataBundle(
-            DigitsDataset(train, multicrop), DigitsDataset(train, evaluate), DigitsDataset(heldout, evaluate), multicrop
+            DigitsDataset(train, None if batched else multicrop),
+            DigitsDataset(train, evaluate),
+            DigitsDataset(heldout, evaluate),
+            multicrop,
         )
     if args.dataset == "cifar10":
         multicrop = MultiCropTransform.for_cifar()
         evaluate = _eval_transform(args.eval_size, multicrop)
         make = datasets.CIFAR10
+        pretrain = to_tensor or multicrop
         return DataBundle(
-            _torchvision_dataset("cifar10", make, args.data_dir, args.download, train=True, transform=multicrop),
+            _torchvision_dataset("cifar10", make, args.data_dir, args.download, train=True, transform=pretrain),
             _torchvision_dataset("cifar10", make, args.data_dir, False, train=True, transform=evaluate),
             _torchvision_dataset("cifar10", make, args.data_dir, False, train=False, transform=evaluate),
             multicrop,
@@ -268,8 +288,9 @@ def build_data(args: argparse.Namespace) -> DataBundle:
         )
         evaluate = _eval_transform(args.eval_size, multicrop)
         make = datasets.STL10
+        pretrain = to_tensor or multicrop
         return DataBundle(
-            _torchvision_dataset("stl10", make, args.data_dir, args.download, split="unlabeled", transform=multicrop),
+            _torchvision_dataset("stl10", make, args.data_dir, args.download, split="unlabeled", transform=pretrain),
             _torchvision_dataset("stl10", make, args.data_dir, False, split="train", transform=evaluate),
             _torchvision_dataset("stl10", make, args.data_dir, False, split="test", transform=evaluate),
             multicrop,
@@ -284,7 +305,7 @@ def build_data(args: argparse.Namespace) -> DataBundle:
     multicrop = MultiCropTransform()
     evaluate = _eval_transform(args.eval_size, multicrop)
     return DataBundle(
-        datasets.ImageFolder(str(train_dir), transform=multicrop),
+        datasets.ImageFolder(str(train_dir), transform=to_tensor or multicrop),  # workers decode JPEG/PNG
         datasets.ImageFolder(str(train_dir), transform=evaluate),
         datasets.ImageFolder(str(val_dir), transform=evaluate),
         multicrop,
@@ -427,7 +448,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         sampler=sampler,
         drop_last=True,
         num_workers=args.num_workers,
-        collate_fn=multicrop_collate,
+        collate_fn=collate_images if args.gpu_augment else multicrop_collate,
         persistent_workers=args.num_workers > 0,
     )
     if len(loader) == 0:
@@ -450,6 +471,8 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         amp_mode="amp" if args.amp else None,
         scaler=bool(args.amp and use_cuda),
         non_blocking=use_cuda,
+        augment=BatchedMultiCrop.from_transform(data.multicrop) if args.gpu_augment else None,
+        compile_model=args.compile,
     )
     queue_handler = SwAVQueueHandler(
         loss_fn,
@@ -538,7 +561,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         f"SwAV on {args.dataset}: {len(data.pretrain)} images, {world_size} process(es) x batch {args.batch_size}, "
         f"{data.multicrop.total_crops} crops {data.multicrop.size_crops}, {args.num_prototypes} prototypes, "
         f"queue {queue_handler.queue_length or args.queue_length} from epoch {args.epoch_queue_starts + 1}, "
-        f"device {device}"
+        f"device {device}, augmentation {'batched on the device' if args.gpu_augment else 'per image in workers'}"
     )
     trainer.run(loader, max_epochs=args.epochs, epoch_length=None if args.resume_from else epoch_length)
 

@@ -1,7 +1,7 @@
 """ignite-swav: SwAV self-supervised learning for PyTorch-Ignite."""
 
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
-from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_multicrop_batch
+from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
 from ignite_swav.loss import SwAVLoss
 from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
@@ -29,6 +29,7 @@ __all__ = [
     "extract_features",
     "load_checkpoint_file",
     "multicrop_collate",
+    "prepare_image_batch",
     "prepare_multicrop_batch",
     "recalibrate_batchnorm",
     "sinkhorn",

@@ -15,7 +15,7 @@ from ignite_swav._validation import check_int
 from ignite_swav.loss import SwAVLoss
 from ignite_swav.modules import SwAVModel
 
-__all__ = ["SwAVEvents", "create_swav_trainer", "prepare_multicrop_batch"]
+__all__ = ["SwAVEvents", "create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
 
 
 class SwAVEvents(EventEnum):
@@ -55,6 +55,39 @@ def prepare_multicrop_batch(
     return [convert_tensor(crop, device=device, non_blocking=non_blocking) for crop in batch]
 
 
+def prepare_image_batch(
+    batch: Any, device: str | torch.device | None = None, non_blocking: bool = False
+) -> Tensor | list[Tensor]:
+    """The raw images of ``batch`` moved to ``device``, for an on-device augmentation such as
+    :class:`~ignite_swav.BatchedMultiCrop`: a ``(B, C, H, W)`` tensor or a list of ``(C, H, W)`` images, or
+    either of them paired with a 1-D target tensor (which is dropped).
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import prepare_image_batch
+        >>> images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+        >>> prepare_image_batch((images, torch.arange(4))).shape
+        torch.Size([4, 3, 8, 8])
+    """
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[1], Tensor)
+        and batch[1].ndim == 1
+        and (isinstance(batch[0], (tuple, list)) or (isinstance(batch[0], Tensor) and batch[0].ndim == 4))
+    ):
+        batch = batch[0]
+    if isinstance(batch, Tensor) and batch.ndim == 4:
+        return convert_tensor(batch, device=device, non_blocking=non_blocking)
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(i, Tensor) and i.ndim == 3 for i in batch):
+        return [convert_tensor(image, device=device, non_blocking=non_blocking) for image in batch]
+    described = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
+    raise TypeError(
+        "with augment=..., a batch must hold raw images: a (B, C, H, W) tensor or a list of (C, H, W) tensors, "
+        f"alone or with a 1-D target tensor; got {described} (use ignite_swav.collate_images in the DataLoader)"
+    )
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
@@ -89,7 +122,9 @@ def create_swav_trainer(
     amp_dtype: torch.dtype | None = None,
     scaler: bool | torch.amp.GradScaler = False,
     non_blocking: bool = False,
-    prepare_batch: Callable[..., list[Tensor]] = prepare_multicrop_batch,
+    prepare_batch: Callable[..., Any] | None = None,
+    augment: Callable[[Any], list[Tensor]] | None = None,
+    compile_model: bool | dict[str, Any] = False,
     model_transform: Callable[[Any], tuple[list[Tensor], list[Tensor]]] = lambda output: output,
     output_transform: Callable[..., Any] | None = None,
 ) -> Engine:
@@ -113,8 +148,14 @@ def create_swav_trainer(
         amp_dtype: autocast dtype; default bfloat16 on CPU and float16 on CUDA.
         scaler: ``True`` or a ``torch.amp.GradScaler`` for float16 on CUDA.
         non_blocking: passed to ``prepare_batch``.
-        prepare_batch: ``(batch, device, non_blocking) -> crops``; the default accepts the list of crop
-            batches or a ``(crops, target)`` pair.
+        prepare_batch: ``(batch, device, non_blocking) -> crops`` (or ``-> images`` with ``augment``); the
+            default is :func:`prepare_multicrop_batch`, or :func:`prepare_image_batch` with ``augment``.
+        augment: makes the crops from the prepared batch on ``device``, outside autocast and without gradients,
+            e.g. :class:`~ignite_swav.BatchedMultiCrop`; the DataLoader then only loads raw uint8 images
+            (collated by :func:`~ignite_swav.collate_images`).
+        compile_model: run the model's forward through ``torch.compile`` (``True``, or a dict of its keyword
+            arguments such as ``{"mode": "max-autotune"}``); ``model`` itself, its state dict and checkpoints
+            stay those of the uncompiled module.
         model_transform: maps the model's output to ``(embeddings, scores)``.
         output_transform: ``(crops, embeddings, scores, loss) -> output``; default
             ``{"loss": loss.item(), "use_queue": loss_fn.use_queue}``.
@@ -148,6 +189,10 @@ def create_swav_trainer(
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     freeze_prototypes_iters = check_int("freeze_prototypes_iters", freeze_prototypes_iters, 0)
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment must be callable (images -> list of crop batches), got {type(augment).__name__}")
+    if prepare_batch is None:
+        prepare_batch = prepare_multicrop_batch if augment is None else prepare_image_batch
     device_type = torch.device(device).type if device is not None else "cpu"
     autocast_dtype = _autocast_dtype(amp_mode, amp_dtype, device_type)
 
@@ -162,6 +207,15 @@ def create_swav_trainer(
     elif scaler is not False:
         raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
 
+    if compile_model is True:
+        forward: Callable[..., Any] = torch.compile(model)
+    elif isinstance(compile_model, dict):
+        forward = torch.compile(model, **compile_model)
+    elif compile_model is False:
+        forward = model
+    else:
+        raise TypeError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
+
     prototypes = _unwrap(model).prototypes
     if output_transform is None:
 
@@ -172,9 +226,12 @@ def create_swav_trainer(
         model.train()
         optimizer.zero_grad(set_to_none=True)
         crops = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        if augment is not None:
+            with torch.no_grad():
+                crops = augment(crops)
         prototypes.normalize_()
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            embeddings, scores = model_transform(model(crops))
+            embeddings, scores = model_transform(forward(crops))
             loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes.weight)
         if grad_scaler is not None:
             grad_scaler.scale(loss).backward()

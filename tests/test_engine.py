@@ -8,7 +8,15 @@ from helpers import random_crops, tiny_swav_model
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from ignite_swav import SwAVEvents, SwAVLoss, SwAVQueueHandler, create_swav_trainer, prepare_multicrop_batch
+from ignite_swav import (
+    BatchedMultiCrop,
+    SwAVEvents,
+    SwAVLoss,
+    SwAVQueueHandler,
+    create_swav_trainer,
+    prepare_image_batch,
+    prepare_multicrop_batch,
+)
 
 
 def fake_loader(num_batches: int = 4, batch: int = 4, with_targets: bool = True, seed: int = 0):
@@ -172,3 +180,34 @@ def test_non_contiguous_crop_sizes_are_named():
     trainer = create_swav_trainer(model, SwAVLoss(), sgd(model))
     with pytest.raises(ValueError, match="must be contiguous"):
         trainer.run([random_crops(2, sizes=(16, 8, 16))], max_epochs=1)
+
+
+def test_on_device_augmentation_makes_the_crops_from_raw_images():
+    model = tiny_swav_model()
+    augment = BatchedMultiCrop(
+        size_crops=(16, 8), num_crops=(2, 2), min_scale_crops=(0.5, 0.2), max_scale_crops=(1, 0.5)
+    )
+    seen = []
+
+    def output_transform(crops, embeddings, scores, loss):
+        seen.append([tuple(c.shape) for c in crops])
+        return loss.item()
+
+    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model), augment=augment, output_transform=output_transform)
+    images = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    batches = [(images, torch.arange(4)), images, [images[0], images[1, :, :12], images[2], images[3]]]
+    trainer.run(batches, max_epochs=1)
+    assert seen == [[(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2] * 3
+    assert math.isfinite(trainer.state.output)
+
+
+def test_prepare_image_batch_refuses_crops_and_other_things():
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    assert prepare_image_batch([images[0], images[1]])[1].shape == (3, 8, 8)
+    with pytest.raises(TypeError, match=r"raw images.*got a tensor of shape \(3, 8, 8\)"):
+        prepare_image_batch(images[0])
+    with pytest.raises(TypeError, match="raw images.*got dict"):
+        prepare_image_batch({"image": images})
+    model = tiny_swav_model()
+    with pytest.raises(TypeError, match="augment must be callable"):
+        create_swav_trainer(model, SwAVLoss(), sgd(model), augment="gpu")

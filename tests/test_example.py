@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import linear_eval  # noqa: E402
 import train_swav  # noqa: E402
 
+from ignite_swav import BatchedMultiCrop, collate_images  # noqa: E402
+
 # A few iterations of small batches: the code paths of the default run, not its figures.
 TINY = [
     "--num-workers",
@@ -162,9 +164,11 @@ def trust_fake_files(monkeypatch):
     monkeypatch.setattr(datasets.STL10, "_check_integrity", lambda self: True)
 
 
-def test_cifar10_trains_on_fake_data_of_the_real_format(tmp_path: Path, trust_fake_files):
+@pytest.mark.parametrize("augment", ["--gpu-augment", "--no-gpu-augment"])
+def test_cifar10_trains_on_fake_data_of_the_real_format(tmp_path: Path, trust_fake_files, augment):
     write_fake_cifar10(tmp_path / "data")
     args = [
+        augment,
         "--dataset",
         "cifar10",
         "--data-dir",
@@ -196,6 +200,30 @@ def test_stl10_and_imagefolder_loaders_read_fake_data(tmp_path: Path, trust_fake
     crops, label = data.pretrain[0]
     assert len(crops) == 8 and tuple(crops[0].shape) == (3, 224, 224)
     assert len(data.heldout) == 6 and tuple(data.heldout[0][0].shape) == (3, 64, 64)
+
+
+def test_with_gpu_augment_the_loaders_give_raw_images_that_batch_into_crops(tmp_path: Path, trust_fake_files):
+    write_fake_stl10(tmp_path / "stl")
+    args = train_swav.parse_args(["--dataset", "stl10", "--data-dir", str(tmp_path / "stl"), "--gpu-augment"])
+    data = train_swav.build_data(args)
+    image, _ = data.pretrain[0]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 96, 96)
+
+    write_fake_imagefolder(tmp_path / "folder")
+    (tmp_path / "folder" / "train" / "cat" / "wide.png").unlink(missing_ok=True)
+    Image.new("RGB", (90, 30), (10, 200, 30)).save(tmp_path / "folder" / "train" / "cat" / "wide.png")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--gpu-augment"]
+    data = train_swav.build_data(train_swav.parse_args(args))
+    images, labels = collate_images([data.pretrain[i] for i in range(len(data.pretrain))])
+    assert isinstance(images, list) and {tuple(i.shape) for i in images} == {(3, 40, 50), (3, 30, 90)}
+    crops = BatchedMultiCrop.from_transform(data.multicrop)(images)
+    assert [tuple(c.shape) for c in crops] == [(7, 3, 224, 224)] * 2 + [(7, 3, 96, 96)] * 6
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_digits_with_per_image_augmentation_in_workers(tmp_path: Path):
+    status, output = run(tmp_path, "--epochs", "1", "--no-gpu-augment")
+    assert status == 0 and results(output)["epochs"] == 1
 
 
 # --------------------------------------------------------------------------------------------- bad input

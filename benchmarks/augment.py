@@ -119,7 +119,7 @@ def train_rates(args: argparse.Namespace, device: torch.device, transform: Multi
                 collate_fn=collate_images,
                 drop_last=True,
                 pin_memory=device.type == "cuda",
-                persistent_workers=True,
+                persistent_workers=max(args.workers) > 0,
             )
         timings: list[float] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _, t=timings: t.append(time.perf_counter()))

@@ -9,6 +9,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 RN50="--device cuda --arch resnet50 --size-crops 224 96 --num-crops 2 6 --amp --channels-last --repeats 10"
 $PY step.py $RN50 --batch-sizes 64 256
 $PY step.py $RN50 --batch-sizes 64 --compile
-$PY loss.py
+$PY loss.py --device cuda --grid --repeats 5
 $PY augment.py --device cuda --images 512 --image-size 375 500 --batch-size 256 --workers 8 16 --batches 4 \
     --train --arch resnet50 --amp

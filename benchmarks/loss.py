@@ -77,25 +77,39 @@ def ours() -> Callable:
     return run
 
 
-def make_inputs(batch: int, queue_length: int, num_prototypes: int, seed: int = 0):
+def make_inputs(batch: int, queue_length: int, num_prototypes: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    prototypes = F.normalize(torch.randn(num_prototypes, FEAT_DIM, generator=g), dim=1)
-    embeddings = [F.normalize(torch.randn(batch, FEAT_DIM, generator=g), dim=1) for _ in range(8)]
+    prototypes = F.normalize(torch.randn(num_prototypes, FEAT_DIM, generator=g), dim=1).to(device)
+    embeddings = [F.normalize(torch.randn(batch, FEAT_DIM, generator=g), dim=1).to(device) for _ in range(8)]
     queue = F.normalize(torch.randn(2, queue_length, FEAT_DIM, generator=g), dim=2) if queue_length else None
-    return embeddings, prototypes, queue
+    return embeddings, prototypes, None if queue is None else queue.to(device)
 
 
-def time_case(candidates: dict[str, Callable], batch: int, queue_length: int, num_prototypes: int, repeats: int):
-    embeddings, prototypes, queue = make_inputs(batch, queue_length, num_prototypes)
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_case(
+    candidates: dict[str, Callable],
+    batch: int,
+    queue_length: int,
+    num_prototypes: int,
+    repeats: int,
+    device: str = "cpu",
+):
+    embeddings, prototypes, queue = make_inputs(batch, queue_length, num_prototypes, device=device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     values: dict[str, float] = {}
     for _ in range(repeats + 1):  # the first round warms up
         for name, fn in candidates.items():
             z = [e.clone().requires_grad_() for e in embeddings]
             scores = [e @ prototypes.t() for e in z]
+            _synchronize(device)
             start = time.perf_counter()
             value = fn(scores, z, prototypes, queue)
             value.backward()
+            _synchronize(device)
             times[name].append(time.perf_counter() - start)
             values[name] = value.item()
     return {name: statistics.median(t[1:]) for name, t in times.items()}, values
@@ -105,19 +119,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", action="store_true", help="the whole grid instead of the reference case")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--verbose", action="store_true", help="print the loss values too")
     args = parser.parse_args()
     candidates: dict[str, Callable] = {"ignite-swav": ours(), "paper loop": paper_loop}
     lightly = lightly_loss()
     if lightly is not None:
         candidates["lightly"] = lightly
-    print(describe("cpu"))
+    print(describe(args.device))
     print("one forward+backward, 2+6 crops, feat_dim 128, median of", args.repeats, "runs (ms)")
     cases = list(itertools.product((32, 64, 256), (0, 3840, 16384), (512, 3000))) if args.grid else [(64, 3840, 3000)]
     header = f"{'batch':>5} {'queue':>6} {'K':>5} " + " ".join(f"{name:>12}" for name in candidates)
     print(header + "   max |loss difference|")
     for batch, queue_length, num_prototypes in cases:
-        medians, values = time_case(candidates, batch, queue_length, num_prototypes, args.repeats)
+        medians, values = time_case(candidates, batch, queue_length, num_prototypes, args.repeats, args.device)
         spread = max(values.values()) - min(values.values())
         if args.verbose:
             print("  loss values:", {name: round(v, 7) for name, v in values.items()})

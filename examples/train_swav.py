@@ -18,8 +18,11 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from ignite_swav.metrics import KNNAccuracy, extract_features
 
 DATASETS = ("digits", "cifar10", "stl10", "imagefolder")
 CHECKPOINT_PREFIX = "swav"
+CROPS_FOR_ASSIGN = (0, 1)  # the two large crops
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "lr_scheduler", "queue_handler", "history")
 
 # The SwAV recipe for real data sets (per process batch, global queue), and what differs per data set; every
@@ -378,6 +382,58 @@ def check_output_dir(args: argparse.Namespace) -> None:
         )
 
 
+LOCK_NAME = ".swav_run.lock"
+
+
+def _lock_owner(path: Path) -> tuple[int | None, str]:
+    try:
+        pid, host = (path.read_text().split("\n") + ["", ""])[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, ""
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def output_dir_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir/.swav_run.lock`` for the run, so that a second run pointed at the same directory is
+    refused instead of interleaving its checkpoints. A lock left by a killed process of this host is taken
+    over; one from another host is refused (delete the file if that run is really gone)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_NAME
+    host = socket.gethostname()
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid, owner_host = _lock_owner(path)
+            if pid is None or owner_host != host or _process_running(pid):
+                raise ExampleError(
+                    f"--output-dir '{output_dir}' is in use by another run (process {pid} on {owner_host or '?'}, "
+                    f"lock file {path}): wait for it to end or choose another --output-dir; if that run is gone, "
+                    "delete the lock file"
+                ) from None
+            logging.getLogger(__name__).warning("taking over %s: process %d that held it is not running", path, pid)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as lock_file:
+            lock_file.write(f"{os.getpid()}\n{host}\n")
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     """The checkpoint of ``--resume-from``, read safely and checked against this run's model."""
     path = args.resume_from
@@ -399,6 +455,17 @@ def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
             f"--resume-from '{path}' holds another model than --arch {args.arch} with --feat-dim {args.feat_dim}, "
             f"--num-prototypes {args.num_prototypes}, --hidden-dim {args.hidden_dim}: {first} {' '.join(details)}"
         ) from None
+    # the queue is checked here too, so that a bad one is refused before any process starts or file is written
+    handler = SwAVQueueHandler(
+        SwAVLoss(CROPS_FOR_ASSIGN),
+        batch_size=args.batch_size,
+        crops_for_assign=CROPS_FOR_ASSIGN,
+        feat_dim=args.feat_dim,
+    )
+    try:
+        handler.load_state_dict(checkpoint["queue_handler"])
+    except (ValueError, TypeError) as error:
+        raise ExampleError(f"--resume-from '{path}': {error}") from None
     return checkpoint
 
 
@@ -460,7 +527,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
 
     model = idist.auto_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    loss_fn = SwAVLoss(crops_for_assign=(0, 1), temperature=args.temperature, epsilon=args.epsilon)
+    loss_fn = SwAVLoss(crops_for_assign=CROPS_FOR_ASSIGN, temperature=args.temperature, epsilon=args.epsilon)
     use_cuda = device.type == "cuda"
     trainer = create_swav_trainer(
         model,
@@ -650,13 +717,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         args = parse_args(argv)
-        check_output_dir(args)
-        build_data(args)  # a missing data set is reported here, before any process starts
-        if args.resume_from is not None:
-            load_resume_checkpoint(args)
-        config = vars(args)
-        with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node) as parallel:
-            parallel.run(training, config)
+        # under torchrun every process runs main(): the first one holds the lock for all
+        lock = output_dir_lock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+        with lock:
+            check_output_dir(args)
+            build_data(args)  # a missing data set is reported here, before any process starts
+            if args.resume_from is not None:
+                load_resume_checkpoint(args)
+            config = vars(args)
+            with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node) as parallel:
+                parallel.run(training, config)
     except ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

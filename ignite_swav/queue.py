@@ -6,6 +6,7 @@ import logging
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
@@ -27,19 +28,35 @@ _FILE_PREFIX = "swav"
 _FILE_PATTERN = re.compile(rf"^{_FILE_PREFIX}_queue_(\d+)\.pt$")
 
 
+def _check_archive(path: Path) -> None:
+    # torch.load does not verify the CRC-32 that torch.save writes for every record of its zip archive, so a
+    # flipped byte in tensor data would load silently as a wrong weight; zipfile checks them all.
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load reports what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error})") from None
+    if damaged is not None:
+        raise ValueError(f"checkpoint file '{path}' is corrupted: the data of '{damaged}' does not match its checksum")
+
+
 def load_checkpoint_file(path: str | Path) -> Any:
     """Load a checkpoint file with ``torch.load(weights_only=True)``; never runs code stored in the file.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is empty, truncated or corrupted, or holds objects other than tensors, numbers,
-            strings and containers of them (a pickle that would run code is refused, not executed).
+        ValueError: the file is empty, truncated or corrupted (the checksum of every record is verified),
+            or holds objects other than tensors, numbers, strings and containers of them (a pickle that would
+            run code is refused, not executed).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint file '{path}' is empty (0 bytes): it was not written completely")
+    _check_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -227,7 +227,7 @@ def _write_queue_file(tmp_path: Path, payload: bytes) -> None:
     "corrupt,message",
     [
         (lambda b: b[: len(b) // 2], "truncated or corrupted"),
-        (lambda b: b[:100] + bytes(200) + b[300:], "truncated or corrupted"),
+        (lambda b: b[:100] + bytes(200) + b[300:], "is corrupted: the data of .* does not match its checksum"),
         (lambda b: b"", "is empty"),
         (lambda b: b"not a checkpoint at all", "truncated or corrupted"),
     ],

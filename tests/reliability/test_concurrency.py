@@ -1,0 +1,83 @@
+"""Two runs pointed at the same output directory: the second is refused while the first runs, so their
+checkpoints never interleave; a lock left by a killed run is taken over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import train_swav  # noqa: E402
+
+TINY = ["--num-workers", "0", "--batch-size", "16", "--max-iters-per-epoch", "2", "--queue-length", "0"]
+TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path: Path, capsys):
+    output = tmp_path / "shared"
+    script = Path(train_swav.__file__)
+    first = subprocess.Popen(
+        [sys.executable, str(script), *TINY, "--epochs", "3", "--output-dir", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (output / train_swav.LOCK_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, "the first run ended before the test could race it"
+        status = train_swav.main([*TINY, "--epochs", "3", "--output-dir", str(output)])
+        error = capsys.readouterr().err
+        assert status == 2
+        assert f"--output-dir '{output}' is in use by another run (process {first.pid}" in error
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+        first.stderr.close()
+    # only the first run's checkpoints, results and plot; the lock is gone
+    names = sorted(p.name for p in output.iterdir())
+    assert names == ["history.png", "results.json", "swav_checkpoint_4.pt", "swav_checkpoint_6.pt"]
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path, caplog):
+    output = tmp_path / "run"
+    output.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (output / train_swav.LOCK_NAME).write_text(f"{dead.pid}\n{os.uname().nodename}\n")
+    assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 0
+    assert f"process {dead.pid} that held it is not running" in caplog.text
+    assert not (output / train_swav.LOCK_NAME).exists()
+
+
+def test_a_lock_of_another_host_or_an_unreadable_one_is_refused(tmp_path: Path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    for content in (f"{os.getpid()}\nsome-other-node\n", "garbage"):
+        (output / train_swav.LOCK_NAME).write_text(content)
+        assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 2
+        assert "is in use by another run" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == [train_swav.LOCK_NAME]
+
+
+def test_a_killed_run_releases_nothing_but_its_lock_is_stale(tmp_path: Path):
+    output = tmp_path / "run"
+    script = Path(train_swav.__file__)
+    process = subprocess.Popen(
+        [sys.executable, str(script), *TINY, "--epochs", "50", "--output-dir", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(output.glob("swav_checkpoint_*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (output / train_swav.LOCK_NAME).exists()
+    newest = max(output.glob("swav_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    iteration = int(newest.stem.rsplit("_", 1)[1])
+    argv = [*TINY, "--epochs", str(iteration // 2 + 1), "--output-dir", str(output), "--resume-from", str(newest)]
+    assert train_swav.main(argv) == 0

@@ -211,3 +211,16 @@ def test_prepare_image_batch_refuses_crops_and_other_things():
     model = tiny_swav_model()
     with pytest.raises(TypeError, match="augment must be callable"):
         create_swav_trainer(model, SwAVLoss(), sgd(model), augment="gpu")
+
+
+def test_compile_model_runs_the_forward_through_torch_compile_and_keeps_plain_checkpoints():
+    model = tiny_swav_model()
+    keys = set(model.state_dict())
+    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model), compile_model={"backend": "eager", "dynamic": False})
+    before = model.backbone.conv.weight.clone()
+    trainer.run(fake_loader(2), max_epochs=1)
+    assert math.isfinite(trainer.state.output["loss"])
+    assert set(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints load into an uncompiled model
+    assert not torch.equal(before, model.backbone.conv.weight)  # the compiled forward trained the model itself
+    with pytest.raises(TypeError, match="compile_model must be a bool or a dict"):
+        create_swav_trainer(model, SwAVLoss(), sgd(model), compile_model="max-autotune")

@@ -17,14 +17,19 @@ TINY = ["--num-workers", "0", "--batch-size", "16", "--max-iters-per-epoch", "2"
 TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
 
 
-def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path: Path, capsys):
-    output = tmp_path / "shared"
+def start_run(output: Path, epochs: int) -> subprocess.Popen:
+    """The example in another process, its errors kept."""
     script = Path(train_swav.__file__)
-    first = subprocess.Popen(
-        [sys.executable, str(script), *TINY, "--epochs", "3", "--output-dir", str(output)],
+    return subprocess.Popen(
+        [sys.executable, str(script), *TINY, "--epochs", str(epochs), "--output-dir", str(output)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path: Path, capsys):
+    output = tmp_path / "shared"
+    first = start_run(output, 3)
     try:
         deadline = time.monotonic() + 60
         while not (output / train_swav.LOCK_NAME).exists() and time.monotonic() < deadline:
@@ -65,17 +70,13 @@ def test_a_lock_of_another_host_or_an_unreadable_one_is_refused(tmp_path: Path, 
 
 def test_a_killed_run_releases_nothing_but_its_lock_is_stale(tmp_path: Path):
     output = tmp_path / "run"
-    script = Path(train_swav.__file__)
-    process = subprocess.Popen(
-        [sys.executable, str(script), *TINY, "--epochs", "50", "--output-dir", str(output)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_run(output, 50)
     deadline = time.monotonic() + 60
     while not list(output.glob("swav_checkpoint_*.pt")) and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    process.stderr.close()
     assert (output / train_swav.LOCK_NAME).exists()
     newest = max(output.glob("swav_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     iteration = int(newest.stem.rsplit("_", 1)[1])

@@ -9,7 +9,7 @@ ImageFolder, on one process or many (``--nproc-per-node``, torchrun, several nod
     python examples/train_swav.py                                   # digits, CPU
     python examples/train_swav.py --nproc-per-node 2 --backend gloo # 2 CPU processes
     torchrun --nproc-per-node 8 examples/train_swav.py --dataset cifar10 --data-dir data --backend nccl
-    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_380.pt --epochs 40
+    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_532.pt --epochs 40
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ _REAL_DATA_DEFAULTS: dict[str, Any] = {
 }
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
-        "epochs": 20,
+        "epochs": 28,
         "batch_size": 64,
-        "lr": 0.05,
+        "lr": 0.03,
         "epsilon": 0.025,
         "weight_decay": 1e-5,
         "warmup_epochs": 2,
@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
     add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results.json and the plot")
     add("--resume-from", type=Path, default=None, help="checkpoint to continue from, up to --epochs")
-    add("--epochs", type=int, default=None, help="total epochs (digits: 20)")
+    add("--epochs", type=int, default=None, help="total epochs (digits: 28)")
     add("--batch-size", type=int, default=None, help="batch size per process (digits: 64)")
-    add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.05)")
+    add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.03)")
     add("--weight-decay", type=float, default=None, help="weight decay")
     add("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up before the cosine decay")
     add("--arch", choices=("resnet18", "resnet50"), default="resnet18", help="torchvision backbone")

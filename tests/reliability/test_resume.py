@@ -122,9 +122,14 @@ def test_saved_on_one_process_resumed_on_two_and_back_with_the_queue_used_at_onc
     printed = capfd.readouterr().out
     assert first_queue_use(printed) == 5  # the first step after iteration 4: the resharded queue is full
     on_two = newest(output)
-    assert load_checkpoint_file(on_two)["trainer"]["iteration"] == 6
+    saved_on_two = load_checkpoint_file(on_two)
+    assert saved_on_two["trainer"]["iteration"] == 6
+    assert saved_on_two["queue_handler"]["queue"].shape == (2, 32, 16)  # both ranks' 16 rows, gathered
+    assert train_swav.json.loads((output / "results.json").read_text())["world_size"] == 2
 
     status, _ = run_example(output, "--epochs", "4", "--resume-from", str(on_two))
     assert status == 0
     assert first_queue_use(capfd.readouterr().out) == 7
-    assert train_swav.json.loads((output / "results.json").read_text())["epochs"] == 4
+    final = train_swav.json.loads((output / "results.json").read_text())
+    assert final["epochs"] == 4 and final["world_size"] == 1
+    assert [record["epoch"] for record in final["history"]] == [1, 2, 3, 4]

@@ -622,7 +622,8 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
 
     if args.resume_from is not None:
-        _resume(trainer, to_save, load_resume_checkpoint(args), epoch_length, args)
+        # main() has checked this file against the model and the queue before any process started
+        _resume(trainer, to_save, load_checkpoint_file(args.resume_from), epoch_length, args)
 
     _log(
         f"SwAV on {args.dataset}: {len(data.pretrain)} images, {world_size} process(es) x batch {args.batch_size}, "

@@ -151,6 +151,8 @@ class BatchedMultiCrop(MultiCropSettings):
         with torch.no_grad():
             batch, heights, widths = _image_batch(images)
             count = batch.shape[0]
+            mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
             crops: list[Tensor] = []
             for size, repeats, low, high in zip(
                 self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops
@@ -164,8 +166,6 @@ class BatchedMultiCrop(MultiCropSettings):
                 views = roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
                 views = self._colour(self._flip(views))
                 views = self._blur(views, size)
-                mean = torch.tensor(self.mean, device=views.device).view(1, 3, 1, 1)
-                std = torch.tensor(self.std, device=views.device).view(1, 3, 1, 1)
                 crops.extend(views.sub_(mean).div_(std).chunk(repeats))
             return crops
 
@@ -237,8 +237,7 @@ class BatchedMultiCrop(MultiCropSettings):
         half = kernel_size // 2
         sigma = _uniform(chosen.numel(), *self.blur_sigma, device)
         taps = torch.arange(-half, half + 1, device=device, dtype=views.dtype)
-        kernels = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
-        kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # one per channel
+        kernels = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2).repeat_interleave(3, dim=0)  # per channel
         selected = views[chosen].reshape(1, chosen.numel() * 3, size, size)
         groups = selected.shape[1]
         pad = min(half, size - 1)  # reflect padding needs pad < size; tiny crops lose the kernel's outer taps

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Linear probe of a SwAV checkpoint written by train_swav.py: frozen backbone, one linear layer on top.
 
-    python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_570.pt
+    python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_798.pt
 
 The backbone's features of the training split and of the held-out split are computed once (frozen, eval
 mode, no augmentation); a linear classifier is trained on the training features and its top-1 on the held-out

@@ -9,7 +9,7 @@ ImageFolder, on one process or many (``--nproc-per-node``, torchrun, several nod
     python examples/train_swav.py                                   # digits, CPU
     python examples/train_swav.py --nproc-per-node 2 --backend gloo # 2 CPU processes
     torchrun --nproc-per-node 8 examples/train_swav.py --dataset cifar10 --data-dir data --backend nccl
-    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_532.pt --epochs 40
+    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_798.pt --epochs 60
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ _REAL_DATA_DEFAULTS: dict[str, Any] = {
 }
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {
-        "epochs": 28,
+        "epochs": 42,
         "batch_size": 64,
         "lr": 0.03,
         "epsilon": 0.025,
-        "weight_decay": 1e-5,
+        "weight_decay": 5e-4,
         "warmup_epochs": 2,
         "num_prototypes": 64,
         "feat_dim": 64,
@@ -124,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
     add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results.json and the plot")
     add("--resume-from", type=Path, default=None, help="checkpoint to continue from, up to --epochs")
-    add("--epochs", type=int, default=None, help="total epochs (digits: 28)")
+    add("--epochs", type=int, default=None, help="total epochs (digits: 42)")
     add("--batch-size", type=int, default=None, help="batch size per process (digits: 64)")
     add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.03)")
-    add("--weight-decay", type=float, default=None, help="weight decay")
+    add("--weight-decay", type=float, default=None, help="weight decay (digits: 5e-4)")
     add("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up before the cosine decay")
     add("--arch", choices=("resnet18", "resnet50"), default="resnet18", help="torchvision backbone")
     add("--small-stem", action=argparse.BooleanOptionalAction, default=None, help="3x3 stem, no max-pool")

@@ -35,7 +35,7 @@ def test_crop_batches_in_the_order_and_shapes_the_model_takes():
 def test_gray_images_and_images_of_several_sizes():
     augment = BatchedMultiCrop.for_digits()
     crops = augment(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
-    assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 4
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
     images = [torch.randint(0, 256, shape, dtype=torch.uint8) for shape in [(3, 30, 50), (1, 64, 20), (3, 8, 8)]]
     crops = one_size(24, 2)(images)
     assert [tuple(c.shape) for c in crops] == [(3, 3, 24, 24)] * 2

@@ -344,6 +344,21 @@ def build_model(args: argparse.Namespace) -> SwAVModel:
     return SwAVModel(backbone, head, SwAVPrototypes(args.feat_dim, args.num_prototypes))
 
 
+def build_loss_and_queue_handler(args: argparse.Namespace) -> tuple[SwAVLoss, SwAVQueueHandler]:
+    """The SwAV loss and the queue handler that feeds it; the training processes and the check of a
+    ``--resume-from`` file build them alike, so the file is checked against the queue that will load it."""
+    loss_fn = SwAVLoss(crops_for_assign=CROPS_FOR_ASSIGN, temperature=args.temperature, epsilon=args.epsilon)
+    queue_handler = SwAVQueueHandler(
+        loss_fn,
+        batch_size=args.batch_size,
+        epoch_queue_starts=args.epoch_queue_starts,
+        crops_for_assign=CROPS_FOR_ASSIGN,
+        feat_dim=args.feat_dim,
+        queue_length=args.queue_length,
+    )
+    return loss_fn, queue_handler
+
+
 MODEL_SETTINGS = ("arch", "small_stem", "feat_dim", "hidden_dim", "num_prototypes", "dataset", "eval_size", "seed")
 
 
@@ -456,12 +471,7 @@ def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
             f"--num-prototypes {args.num_prototypes}, --hidden-dim {args.hidden_dim}: {first} {' '.join(details)}"
         ) from None
     # the queue is checked here too, so that a bad one is refused before any process starts or file is written
-    handler = SwAVQueueHandler(
-        SwAVLoss(CROPS_FOR_ASSIGN),
-        batch_size=args.batch_size,
-        crops_for_assign=CROPS_FOR_ASSIGN,
-        feat_dim=args.feat_dim,
-    )
+    _, handler = build_loss_and_queue_handler(args)
     try:
         handler.load_state_dict(checkpoint["queue_handler"])
     except (ValueError, TypeError) as error:
@@ -527,7 +537,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
 
     model = idist.auto_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    loss_fn = SwAVLoss(crops_for_assign=CROPS_FOR_ASSIGN, temperature=args.temperature, epsilon=args.epsilon)
+    loss_fn, queue_handler = build_loss_and_queue_handler(args)
     use_cuda = device.type == "cuda"
     trainer = create_swav_trainer(
         model,
@@ -540,13 +550,6 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         non_blocking=use_cuda,
         augment=BatchedMultiCrop.from_transform(data.multicrop) if args.gpu_augment else None,
         compile_model=args.compile,
-    )
-    queue_handler = SwAVQueueHandler(
-        loss_fn,
-        batch_size=args.batch_size,
-        epoch_queue_starts=args.epoch_queue_starts,
-        feat_dim=args.feat_dim,
-        queue_length=args.queue_length,
     )
     queue_handler.attach(trainer)  # before the checkpoint: its end-of-epoch work runs first
 

@@ -306,3 +306,13 @@ def test_killed_mid_run_the_newest_checkpoint_loads_and_the_run_finishes(tmp_pat
     )
     assert results(output)["epochs"] == epoch + 1
     assert not (output / train_swav.LOCK_NAME).exists()
+
+
+def test_the_loss_and_its_queue_handler_are_built_from_the_arguments():
+    args = train_swav.parse_args(["--queue-length", "128", "--feat-dim", "32", "--epsilon", "0.04"])
+    loss_fn, handler = train_swav.build_loss_and_queue_handler(args)
+    assert handler.loss is loss_fn  # the handler fills the queue of the loss the trainer calls
+    assert loss_fn.crops_for_assign == handler.crops_for_assign == train_swav.CROPS_FOR_ASSIGN
+    assert loss_fn.epsilon == 0.04
+    assert (handler.requested_queue_length, handler.feat_dim, handler.batch_size) == (128, 32, 64)
+    assert handler.epoch_queue_starts == args.epoch_queue_starts

@@ -32,7 +32,10 @@ class TorchRNGState:
 def images(seed: int = 0) -> list[torch.Tensor]:
     """One epoch of uint8 image batches, the same every epoch (a deterministic data order)."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (BATCH, 3, 20, 20), dtype=torch.uint8, generator=generator) for _ in range(5)]
+    return [
+        torch.randint(0, 256, (BATCH, 3, 20, 20), dtype=torch.uint8, generator=generator)
+        for _ in range(ITERATIONS_PER_EPOCH)
+    ]
 
 
 def build(seed: int = 0, epoch_queue_starts: int = 1) -> tuple[Engine, dict[str, Any], SwAVLoss]:

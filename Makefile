@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # only asks for ranges (setup.cfg), so users elsewhere keep their own torch.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test docs lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q
 
+# The API reference and the guides, from the docstrings, into docs/_build/html; warnings are errors.
+docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]" $(TORCH_PINS)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -33,4 +38,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build

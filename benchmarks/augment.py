@@ -97,8 +97,8 @@ def train_rates(args: argparse.Namespace, device: torch.device, transform: Multi
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         trainer = create_swav_trainer(
             model,
-            SwAVLoss(),
             optimizer,
+            SwAVLoss(),
             device=device,
             amp_mode="amp" if args.amp else None,
             amp_dtype=torch.bfloat16 if args.amp else None,
@@ -146,6 +146,7 @@ def main() -> None:
     add("--train", action="store_true", help="also measure training throughput (see --arch)")
     add("--arch", default="resnet18", choices=("resnet18", "resnet50"))
     add("--amp", action="store_true", help="bfloat16 autocast in --train")
+    add("--train-only", action="store_true", help="only the training measurement of --train")
     args = parser.parse_args()
     device = torch.device(args.device)
     transform = settings(args.preset)
@@ -167,24 +168,27 @@ def main() -> None:
         augment(images.to(device, non_blocking=True) if isinstance(images, torch.Tensor) else images)
         synchronised(batch)
 
-    per_image = JpegImages(args.images, *args.image_size, transform=lambda image: (transform(image), 0))
-    decoded = JpegImages(args.images, *args.image_size, transform=lambda image: (v2.functional.pil_to_tensor(image), 0))
-    for workers in args.workers:
-        rates = [
-            loader_rate(per_image, args.batch_size, workers, multicrop_collate, args.batches, synchronised)
-            for _ in range(args.repeats)
-        ]
-        batched = [
-            loader_rate(decoded, args.batch_size, workers, collate_images, args.batches, augmented)
-            for _ in range(args.repeats)
-        ]
-        print(
-            f"{workers:>2} workers: per-image MultiCropTransform {statistics.median(rates):8.1f}   "
-            f"decode in workers + BatchedMultiCrop on {device.type} {statistics.median(batched):8.1f}"
+    if not args.train_only:
+        per_image = JpegImages(args.images, *args.image_size, transform=lambda image: (transform(image), 0))
+        decoded = JpegImages(
+            args.images, *args.image_size, transform=lambda image: (v2.functional.pil_to_tensor(image), 0)
         )
+        for workers in args.workers:
+            rates = [
+                loader_rate(per_image, args.batch_size, workers, multicrop_collate, args.batches, synchronised)
+                for _ in range(args.repeats)
+            ]
+            batched = [
+                loader_rate(decoded, args.batch_size, workers, collate_images, args.batches, augmented)
+                for _ in range(args.repeats)
+            ]
+            print(
+                f"{workers:>2} workers: per-image MultiCropTransform {statistics.median(rates):8.1f}   "
+                f"decode in workers + BatchedMultiCrop on {device.type} {statistics.median(batched):8.1f}"
+            )
     images = torch.randint(0, 256, (args.batch_size, 3, *args.image_size), dtype=torch.uint8, device=device)
     augment(images)
-    seconds = []
+    seconds = []  # the augmentation alone, on images already on the device
     for _ in range(args.repeats):
         synchronised(None)
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The queue handler's own cost per epoch on 2 gloo processes: gathering the queue of both ranks
 (``state_dict``, a collective) and writing it through Ignite's ``Checkpoint`` with an atomic ``DiskSaver``
-(what ``SwAVQueueHandler.on_epoch_completed`` does), then loading it back and resharding it.
+(what ``SwAVQueueHandler.save_queue_file`` does), then loading it back and resharding it.
 
     python benchmarks/handler.py                     # global queues of 2x3840x128 and 2x65536x128
 """
@@ -32,7 +32,7 @@ def _measure(local_rank: int, queue_lengths: list[int], feat_dim: int, repeats: 
     for length in queue_lengths:
         loss = SwAVLoss()
         handler = SwAVQueueHandler(
-            loss, batch_size=64, epoch_queue_starts=0, feat_dim=feat_dim, queue_length=length, dirname=workdir
+            loss, queue_length=length, epoch_queue_starts=0, batch_size=64, feat_dim=feat_dim, dirname=workdir
         )
         engine = Engine(lambda e, b: None)
         handler.queue_length = length
@@ -46,7 +46,7 @@ def _measure(local_rank: int, queue_lengths: list[int], feat_dim: int, repeats: 
             gather.append(time.perf_counter() - start)
             idist.barrier()
             start = time.perf_counter()
-            handler.on_epoch_completed(engine)
+            handler.save_queue_file(engine)
             idist.barrier()
             write.append(time.perf_counter() - start)
             path = Path(workdir) / f"swav_queue_{epoch * 100}.pt"

@@ -5,7 +5,7 @@ optimizer with a trivial loss (the mean of the scores). Interleaved, in one proc
 
     python benchmarks/step.py                                   # CPU: ResNet-18, 2x32 + 4x16 px crops, batch 64
     python benchmarks/step.py --device cuda --arch resnet50 --size-crops 224 96 --num-crops 2 6 \\
-        --batch-sizes 64 256 --amp --channels-last [--compile]
+        --batch-sizes 64 256 --amp --channels-last [--compile] [--amp-dtype float16]
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def swav_step(model, optimizer, args, device, batch_size) -> Callable[[list[torc
     loss_fn = SwAVLoss(crops_for_assign=(0, 1))
     trainer = create_swav_trainer(
         model,
-        loss_fn,
         optimizer,
+        loss_fn,
         device=device,
         amp_mode="amp" if args.amp else None,
-        amp_dtype=torch.bfloat16 if args.amp else None,
+        amp_dtype=amp_dtype(args),
+        scaler=amp_dtype(args) == torch.float16,
         compile_model=args.compile,
     )
     trainer.state.iteration = 1  # past any prototype freezing
@@ -50,16 +51,27 @@ def swav_step(model, optimizer, args, device, batch_size) -> Callable[[list[torc
     return lambda crops: trainer._process_function(trainer, crops)
 
 
+def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return getattr(torch, args.amp_dtype) if args.amp else None
+
+
 def trivial_step(model, optimizer, args, device) -> Callable[[list[torch.Tensor]], None]:
     forward = torch.compile(model) if args.compile else model
+    # float16 needs loss scaling in both steps, so that the comparison stays like for like
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype(args) == torch.float16 else None
 
     def step(crops: list[torch.Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        with torch.autocast(device.type, dtype=amp_dtype(args) or torch.float32, enabled=args.amp):
             _, scores = forward(crops)
             loss = torch.stack([s.float().mean() for s in scores]).mean()
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         loss.item()  # the trainer's output reads the loss too
 
     return step
@@ -86,7 +98,8 @@ def main() -> None:
     add("--num-prototypes", type=int, default=3000)
     add("--feat-dim", type=int, default=128)
     add("--queue-length", type=int, default=3840, help="rows of the full queue per assigned crop (0: none)")
-    add("--amp", action="store_true", help="bfloat16 autocast")
+    add("--amp", action="store_true", help="autocast (see --amp-dtype)")
+    add("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"), help="float16 adds a GradScaler")
     add("--channels-last", action="store_true")
     add("--compile", action="store_true", help="torch.compile the model in both steps")
     add("--repeats", type=int, default=10)
@@ -96,7 +109,8 @@ def main() -> None:
     print(describe(device))
     print(
         f"{args.arch}, crops {args.num_crops} x {args.size_crops} px, K {args.num_prototypes}, queue "
-        f"{args.queue_length}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}; "
+        f"{args.queue_length}, amp {args.amp and args.amp_dtype}, channels_last {args.channels_last}, "
+        f"compile {args.compile}; "
         f"median of {args.repeats} steps after {args.warmup} warm-up steps, interleaved"
     )
     print(f"{'batch':>5} {'trivial loss ms':>16} {'SwAV step ms':>13} {'overhead':>9}")

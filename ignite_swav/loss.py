@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from ignite import distributed as idist
 from torch import Tensor, nn
 
 from ignite_swav._validation import check_crops_for_assign, check_int, check_positive_float
-from ignite_swav.sinkhorn import non_finite_on_any_rank, sinkhorn_codes
+from ignite_swav.sinkhorn import non_finite_flags, non_finite_on_any_rank, sinkhorn_codes
 
 __all__ = ["SwAVLoss"]
 
@@ -28,6 +29,12 @@ class SwAVLoss(nn.Module):
     assigned embeddings are pushed into it (newest rows first), so a batch is never in its own queue. The queue
     counts as full, and ``use_queue`` switches on, when its last row is non-zero: it holds unit vectors, so a
     zero row was never written.
+
+    Non-finite values (a diverged model) raise a ``ValueError`` naming the crop, on every rank at once, and are
+    never pushed into the queue. Finding them needs the device's answer, a host synchronisation that stalls a
+    GPU in the middle of the step; ``create_swav_trainer`` therefore calls the loss with ``check_finite=False``
+    and calls :meth:`raise_if_non_finite` after backward, before the optimizer step. The push is then
+    conditional on the device, so the queue is never written with a non-finite row either way.
 
     Args:
         crops_for_assign: indices of the crops whose codes are computed (SwAV: the two large crops).
@@ -62,6 +69,12 @@ class SwAVLoss(nn.Module):
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
         self.queue: Tensor | None = None
         self.use_queue = False
+        self._pending_check: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
+        # (batch size, embedding width) of the last call, read by SwAVQueueHandler
+        self.last_batch_shape: tuple[int, int] | None = None
+        # Set by SwAVQueueHandler when the queue is due but its shape is not known yet: called with the first
+        # batch's shape, before that batch is pushed.
+        self._queue_factory: Callable[[int, int, torch.device], Tensor | None] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -69,18 +82,30 @@ class SwAVLoss(nn.Module):
             f"sinkhorn_iterations={self.sinkhorn_iterations}"
         )
 
-    def forward(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> Tensor:
+    def forward(
+        self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor, *, check_finite: bool = True
+    ) -> Tensor:
         """Loss of one step; pushes the assigned crops' embeddings into ``queue`` when there is one.
 
         Args:
             scores: one ``(B, K)`` tensor of prototype scores per crop.
             embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop, in the same order.
             prototypes: ``(K, D)`` prototype weight (L2-normalised rows).
+            check_finite: raise here on non-finite values. ``False`` leaves the check to a later
+                :meth:`raise_if_non_finite` (at the latest, the next call does it), so that the device is not
+                waited for in the middle of the step; the queue is still pushed only when all is finite.
 
         Returns:
             The scalar loss (float32).
         """
+        self.raise_if_non_finite()
         batch_size = self._check_inputs(scores, embeddings, prototypes)
+        if self.last_batch_shape is None:
+            self._check_same_shapes_on_every_rank(batch_size, embeddings[0].shape[1], scores[0].shape[1])
+        self.last_batch_shape = (batch_size, embeddings[0].shape[1])
+        if self.queue is None and self._queue_factory is not None:
+            factory, self._queue_factory = self._queue_factory, None
+            self.queue = factory(batch_size, embeddings[0].shape[1], embeddings[0].device)
         num_crops = len(scores)
         assigned = list(self.crops_for_assign)
 
@@ -99,12 +124,28 @@ class SwAVLoss(nn.Module):
         # One check of a scalar (and of the small embeddings to store), for every rank at once, before anything
         # is pushed into the queue; the crops are looked at only when something is wrong.
         assigned_embeddings = [embeddings[c].detach() for c in assigned]
-        if any(non_finite_on_any_rank([loss.detach(), *assigned_embeddings])):
-            self._raise_non_finite(scores, embeddings, assigned)
+        flags = non_finite_flags([loss.detach(), *assigned_embeddings])
         if self.queue is not None:
+            all_finite = flags.amax() == 0
             for slot, crop_embeddings in enumerate(assigned_embeddings):
-                self._push(slot, crop_embeddings, batch_size)
+                self._push(slot, crop_embeddings, batch_size, all_finite)
+        self._pending_check = (flags, [s.detach() for s in scores], [embeddings[c].detach() for c in assigned])
+        if check_finite:
+            self.raise_if_non_finite()
         return loss
+
+    def raise_if_non_finite(self) -> None:
+        """Raise the ``ValueError`` of the last call if its loss or embeddings were not finite (on any rank).
+
+        Waits for the device. Every rank must call it at the same point, as with any collective. Nothing to do
+        after a call with ``check_finite=True``, which checked already.
+        """
+        if self._pending_check is None:
+            return
+        flags, scores, assigned_embeddings = self._pending_check
+        self._pending_check = None
+        if any(f != 0 for f in flags.tolist()):
+            self._raise_non_finite(scores, assigned_embeddings)
 
     @torch.no_grad()
     def _codes(self, slot: int, scores: Tensor, prototypes: Tensor) -> Tensor:
@@ -119,15 +160,29 @@ class SwAVLoss(nn.Module):
         return sinkhorn_codes(scores, queue_scores, iterations=self.sinkhorn_iterations, epsilon=self.epsilon)
 
     @torch.no_grad()
-    def _push(self, slot: int, embeddings: Tensor, batch_size: int) -> None:
-        # Newest rows first: shift the queue down by the batch and write the batch on top.
+    def _push(self, slot: int, embeddings: Tensor, batch_size: int, all_finite: Tensor) -> None:
+        # Newest rows first: the batch on top of the queue shifted down by the batch. Chosen on the device by
+        # ``all_finite`` (no host synchronisation), so a non-finite step leaves the queue as it was.
         queue = self.queue
         assert queue is not None
         length = queue.shape[1]
         pushed = min(batch_size, length)
-        if pushed < length:
-            queue[slot, pushed:] = queue[slot, : length - pushed].clone()
-        queue[slot, :pushed] = embeddings[:pushed].to(queue.dtype)
+        updated = torch.cat([embeddings[:pushed].to(queue.dtype), queue[slot, : length - pushed]])
+        queue[slot] = torch.where(all_finite, updated, queue[slot])
+
+    @staticmethod
+    def _check_same_shapes_on_every_rank(batch_size: int, feat_dim: int, num_prototypes: int) -> None:
+        # Once, before the first collective of the Sinkhorn: ranks with other shapes would abort in it (gloo) or
+        # hang, instead of saying what differs.
+        if idist.get_world_size() == 1:
+            return
+        shapes = idist.all_gather(torch.tensor([[batch_size, feat_dim, num_prototypes]], device=idist.device()))
+        shapes = [tuple(row) for row in shapes.view(-1, 3).tolist()]
+        if len(set(shapes)) > 1:
+            raise ValueError(
+                "the processes give the loss batches of other shapes (batch size, embedding width, prototypes by "
+                f"rank: {shapes}): every process needs the same batch size and the same model"
+            )
 
     def _check_inputs(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> int:
         for name, value in (("scores", scores), ("embeddings", embeddings)):
@@ -182,17 +237,17 @@ class SwAVLoss(nn.Module):
             if self.queue.ndim != 3 or (self.queue.shape[0], self.queue.shape[2]) != expected:
                 raise ValueError(
                     f"queue has shape {tuple(self.queue.shape)}, expected ({expected[0]}, length, {expected[1]}) "
-                    "(one slot per assigned crop, rows as wide as the embeddings)"
+                    f"(one slot per assigned crop, rows as wide as the embeddings, which have width {feat_dim}): "
+                    "a SwAVQueueHandler's feat_dim must be the width of the embeddings"
                 )
             if self.queue.shape[1] == 0:
                 raise ValueError("queue has length 0: set queue to None to train without a queue")
         return batch_size
 
-    @staticmethod
-    def _raise_non_finite(scores: Sequence[Tensor], embeddings: Sequence[Tensor], assigned: list[int]) -> None:
+    def _raise_non_finite(self, scores: list[Tensor], assigned_embeddings: list[Tensor]) -> None:
         named = [(f"scores[{v}]", s) for v, s in enumerate(scores)]
-        named += [(f"embeddings[{c}]", embeddings[c]) for c in assigned]
-        flags = non_finite_on_any_rank([t.detach() for _, t in named])
+        named += [(f"embeddings[{c}]", z) for c, z in zip(self.crops_for_assign, assigned_embeddings)]
+        flags = non_finite_on_any_rank([t for _, t in named])
         bad = [name for (name, _), flag in zip(named, flags) if flag]
         where = (
             f"in {', '.join(bad)}: the model's output diverged"

@@ -9,28 +9,58 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from ignite import distributed as idist
-from ignite.engine import Engine, Events
+from ignite.engine import Engine, Events, _prepare_batch
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from ignite_swav._validation import check_int, check_positive_float
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
 
-def _image_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"a labelled batch must be an (images, labels) pair, got {type(batch).__name__}")
-    return batch[0], batch[1]
+def _features(
+    backbone: nn.Module,
+    images: Any,
+    model_transform: Callable[[Any], Any],
+    device_type: str,
+    autocast_dtype: torch.dtype | None,
+) -> Tensor:
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        output = model_transform(backbone(images))
+    return F.normalize(output.flatten(1).float(), dim=1)
 
 
-def _prepared(
-    batch: Any, prepare_batch: Callable[[Any], tuple[Tensor, Tensor]], device: str | torch.device | None
+@torch.no_grad()
+def _extract(
+    backbone: nn.Module,
+    loader: Iterable[Any],
+    device: str | torch.device | None,
+    non_blocking: bool,
+    prepare_batch: Callable[..., tuple[Any, Any]],
+    model_transform: Callable[[Any], Any],
+    amp_mode: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    images, labels = prepare_batch(batch)
-    return (images.to(device) if device is not None else images), labels
+    device_type, autocast_dtype = _autocast(amp_mode, device)
+    features, labels = [], []
+    for batch in loader:
+        images, targets = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        features.append(_features(backbone, images, model_transform, device_type, autocast_dtype))
+        labels.append(targets.to(features[-1].device))
+    if not features:
+        raise ValueError("the loader gave no batch: features need at least one labelled image")
+    return _gather_rows(torch.cat(features)), _gather_rows(torch.cat(labels).long())
+
+
+def _autocast(amp_mode: str | None, device: str | torch.device | None) -> tuple[str, torch.dtype | None]:
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if amp_mode is None:
+        return device_type, None
+    if amp_mode != "amp":
+        raise ValueError(f"amp_mode must be None or 'amp' (torch.autocast), got {amp_mode!r}")
+    return device_type, torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
 @torch.no_grad()
@@ -38,37 +68,39 @@ def extract_features(
     backbone: nn.Module,
     loader: Iterable[Any],
     device: str | torch.device | None = None,
-    prepare_batch: Callable[[Any], tuple[Tensor, Tensor]] = _image_batch,
+    non_blocking: bool = False,
+    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+    model_transform: Callable[[Any], Any] = lambda output: output,
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalised backbone features and labels of every ``(images, labels)`` batch of ``loader``.
+    """L2-normalised features (``model_transform(backbone(x))``, flattened) and labels of every batch of
+    ``loader``, prepared by ``prepare_batch(batch, device, non_blocking) -> (x, y)`` as in Ignite.
 
     In a distributed run the features of all ranks are gathered, so every rank returns the whole set. The
     backbone is put in eval mode and restored to its mode afterwards.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import extract_features
+        >>> loader = [(torch.randn(4, 6), torch.tensor([0, 1, 0, 1]))] * 2
+        >>> features, labels = extract_features(torch.nn.Linear(6, 3), loader)
+        >>> features.shape, labels.shape
+        (torch.Size([8, 3]), torch.Size([8]))
     """
     was_training = backbone.training
     backbone.eval()
-    features, labels = [], []
     try:
-        for batch in loader:
-            images, targets = _prepared(batch, prepare_batch, device)
-            features.append(F.normalize(backbone(images).flatten(1).float(), dim=1))
-            labels.append(targets.to(features[-1].device))
+        return _extract(backbone, loader, device, non_blocking, prepare_batch, model_transform)
     finally:
         backbone.train(was_training)
-    if not features:
-        raise ValueError("the loader gave no batch: features need at least one labelled image")
-    return _gather_rows(torch.cat(features)), _gather_rows(torch.cat(labels).long())
 
 
 def _gather_rows(tensor: Tensor) -> Tensor:
     """The rows of every rank, in rank order; ranks may hold different numbers of rows."""
-    world_size = idist.get_world_size()
-    if world_size == 1:
-        return tensor
+    # Not idist.all_gather_tensors_with_shapes: it indexes with a list, which torch deprecates (a warning per call).
     counts = idist.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
-    gathered = idist.all_gather(padded.unsqueeze(0)).view(world_size, *padded.shape)
+    gathered = idist.all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
 
@@ -77,30 +109,33 @@ def recalibrate_batchnorm(
     backbone: nn.Module,
     loader: Iterable[Any],
     device: str | torch.device | None = None,
-    prepare_batch: Callable[[Any], tuple[Tensor, Tensor]] = _image_batch,
+    non_blocking: bool = False,
+    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
 ) -> nn.Module:
     """A copy of ``backbone`` in eval mode whose batch norm running statistics are those of ``loader``'s images.
 
     Multi-crop training leaves running statistics of augmented crops; re-estimating them on the images that
     are evaluated ("precise BN") is an alternative evaluation protocol: report which one you use, and use the
-    same for every network you compare. The statistics are the average over all batches, then over ranks.
-    The backbone itself is not changed. Without batch norm layers, the backbone
-    is returned as it is.
+    same for every network you compare. The statistics are the average over all batches
+    (``torch.optim.swa_utils.update_bn``), then over ranks. The backbone itself is not changed. Without batch
+    norm layers, the backbone is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import recalibrate_batchnorm
+        >>> backbone = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> loader = [(torch.randn(8, 2) + 5, torch.zeros(8))] * 3
+        >>> recalibrated = recalibrate_batchnorm(backbone, loader)
+        >>> bool(recalibrated[1].running_mean.abs().sum() > 0), float(backbone[1].running_mean.abs().sum())
+        (True, 0.0)
     """
-    layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
         return backbone
     copy = deepcopy(backbone)
-    layers = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # cumulative average over the batches
-    copy.train()
-    for batch in loader:
-        copy(_prepared(batch, prepare_batch, device)[0])
+    update_bn((prepare_batch(batch, device=device, non_blocking=non_blocking)[0] for batch in loader), copy)
     world_size = idist.get_world_size()
-    for layer in layers:
-        if world_size > 1:
+    for layer in copy.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
             layer.running_mean.copy_(idist.all_reduce(layer.running_mean.clone()) / world_size)
             layer.running_var.copy_(idist.all_reduce(layer.running_var.clone()) / world_size)
     return copy.eval()
@@ -121,6 +156,7 @@ class KNNAccuracy(Metric):
         temperature: temperature of the vote weights.
         output_transform: maps the engine's output to ``(features, labels)``.
         device: where the counts live.
+        skip_unrolling: as in ``ignite.metrics.Metric``.
 
     Example:
         >>> import torch
@@ -140,12 +176,13 @@ class KNNAccuracy(Metric):
         temperature: float = 0.07,
         output_transform: Callable[[Any], Any] = lambda x: x,
         device: str | torch.device = "cpu",
+        skip_unrolling: bool = False,
     ) -> None:
         self.k = check_int("k", k, 1)
         self.temperature = check_positive_float("temperature", temperature)
         self._bank: Tensor | None = None
         self._bank_labels: Tensor | None = None
-        super().__init__(output_transform=output_transform, device=device)
+        super().__init__(output_transform=output_transform, device=device, skip_unrolling=skip_unrolling)
 
     def set_reference(self, features: Tensor, labels: Tensor) -> None:
         """Use ``features`` (``(M, F)``) with ``labels`` (``(M,)``) as the bank of neighbours."""
@@ -191,46 +228,73 @@ def create_knn_evaluator(
     backbone: nn.Module,
     reference_loader: Iterable[Any],
     device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+    model_transform: Callable[[Any], Any] = lambda output: output,
+    output_transform: Callable[[Any, Any, Any], Any] = lambda x, y, y_pred: (y_pred, y),
+    amp_mode: str | None = None,
+    *,
     k: int = 20,
     temperature: float = 0.07,
-    prepare_batch: Callable[[Any], tuple[Tensor, Tensor]] = _image_batch,
     metric_name: str = "knn_top1",
     recalibrate_bn: bool = False,
 ) -> Engine:
-    """An evaluator that embeds ``reference_loader`` at the start of each run, then scores its own data.
+    """An evaluator that embeds ``reference_loader`` at the start of each run, then scores its own data, with
+    the arguments of ``ignite.engine.create_supervised_evaluator`` followed by the k-NN settings.
 
     ``evaluator.run(heldout_loader)`` gives ``evaluator.state.metrics[metric_name]``: the weighted k-NN top-1
-    of the held-out images against the reference bank, with the backbone as it is at that moment (in eval
-    mode; with ``recalibrate_bn``, a copy whose batch norm statistics are re-estimated on the reference
-    images, see :func:`recalibrate_batchnorm`).
+    (:class:`KNNAccuracy`) of the held-out images against the reference bank, with the backbone as it is at that
+    moment (in eval mode; with ``recalibrate_bn``, a copy whose batch norm statistics are re-estimated on the
+    reference images, see :func:`recalibrate_batchnorm`). Batches of both loaders go through
+    ``prepare_batch(batch, device, non_blocking) -> (x, y)``; features are ``model_transform(backbone(x))``;
+    the engine's output is ``output_transform(x, y, features)``, ``(features, y)`` by default.
+
+    Args:
+        backbone: the network whose features are evaluated (``SwAVModel.backbone``).
+        reference_loader: labelled batches of the bank of neighbours.
+        device: where the batches go.
+        non_blocking: passed to ``prepare_batch``.
+        prepare_batch: ``(batch, device, non_blocking) -> (x, y)``; Ignite's default takes ``(x, y)`` pairs.
+        model_transform: maps the backbone's output to the features.
+        output_transform: ``(x, y, y_pred) -> (features, labels)`` for the metric.
+        amp_mode: ``None`` or ``"amp"`` (autocast: float16 on CUDA, bfloat16 on CPU).
+        k: neighbours of the vote.
+        temperature: temperature of the vote weights.
+        metric_name: name of the metric in ``evaluator.state.metrics``.
+        recalibrate_bn: evaluate a copy with batch norm statistics of the reference images.
 
     Example:
-        .. code-block:: python
-
-            evaluator = create_knn_evaluator(backbone, train_eval_loader, device=idist.device())
-
-            @trainer.on(Events.EPOCH_COMPLETED)
-            def knn(_):
-                evaluator.run(heldout_loader)
-                print(evaluator.state.metrics["knn_top1"])
+        >>> import torch
+        >>> from ignite_swav import create_knn_evaluator
+        >>> backbone = torch.nn.Identity()
+        >>> reference = [(torch.eye(2), torch.tensor([0, 1]))]
+        >>> evaluator = create_knn_evaluator(backbone, reference, k=1)
+        >>> evaluator.run([(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 1]))]).metrics["knn_top1"]
+        1.0
     """
+    device_type, autocast_dtype = _autocast(amp_mode, device)
     metric = KNNAccuracy(k=k, temperature=temperature)
     # The network evaluated in this run (the backbone, or its recalibrated copy) and the backbone's mode.
     evaluated: dict[str, Any] = {"net": backbone, "was_training": backbone.training}
 
     @torch.no_grad()
-    def step(engine: Engine, batch: Any) -> tuple[Tensor, Tensor]:
-        images, labels = _prepared(batch, prepare_batch, device)
-        return evaluated["net"](images).flatten(1).float(), labels
+    def step(engine: Engine, batch: Any) -> Any:
+        x, y = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        y_pred = _features(evaluated["net"], x, model_transform, device_type, autocast_dtype)
+        return output_transform(x, y, y_pred)
 
     evaluator = Engine(step)
 
     @evaluator.on(Events.STARTED)
     def embed_reference(_: Engine) -> None:
         evaluated["was_training"] = backbone.training
-        net = recalibrate_batchnorm(backbone, reference_loader, device, prepare_batch) if recalibrate_bn else backbone
+        net = backbone
+        if recalibrate_bn:
+            net = recalibrate_batchnorm(backbone, reference_loader, device, non_blocking, prepare_batch)
         evaluated["net"] = net.eval()
-        metric.set_reference(*extract_features(net, reference_loader, device=device, prepare_batch=prepare_batch))
+        metric.set_reference(
+            *_extract(net, reference_loader, device, non_blocking, prepare_batch, model_transform, amp_mode)
+        )
 
     @evaluator.on(Events.COMPLETED)
     def restore_mode(_: Engine) -> None:

@@ -84,6 +84,11 @@ def _size_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
         if not isinstance(crop, Tensor) or crop.ndim != 4:
             shape = tuple(crop.shape) if isinstance(crop, Tensor) else type(crop).__name__
             raise ValueError(f"crops[{v}] must be a (B, C, H, W) batch of images, got {shape}")
+        if not crop.is_floating_point():
+            raise TypeError(
+                f"crops[{v}] has dtype {crop.dtype}: the model takes normalised float crops (for uint8 images, make "
+                "the crops with BatchedMultiCrop, e.g. create_swav_trainer(..., augment=BatchedMultiCrop()))"
+            )
         if batch is None:
             batch = crop.shape[0]
         elif crop.shape[0] != batch:
@@ -101,6 +106,11 @@ def _size_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
             raise ValueError(
                 f"crops[{v}] has size {size[1]}x{size[2]} like crops[{seen[size]}], but other sizes lie between "
                 "them: crops of one size must be contiguous in the list (large crops first, then small ones)"
+            )
+        if groups and size[1] * size[2] > crops[groups[-1][0]].shape[2] * crops[groups[-1][0]].shape[3]:
+            raise ValueError(
+                f"crops[{v}] ({size[1]}x{size[2]}) is larger than crops[{v - 1}]: give the crops large first (the "
+                "assigned crops, and the batch norm statistics, come from the first, largest size)"
             )
         seen[size] = v
         groups.append((v, v + 1))

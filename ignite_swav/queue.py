@@ -3,95 +3,66 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import re
-import warnings
-import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite import distributed as idist
+from ignite.base import Serializable
 from ignite.engine import Engine, Events
+from ignite.engine.events import CallableEventWithFilter
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import Tensor
 
-from ignite_swav._validation import check_crops_for_assign, check_int
+from ignite_swav._validation import check_int
+from ignite_swav.checkpoint import load_checkpoint_file
 from ignite_swav.loss import SwAVLoss
 
-__all__ = ["SwAVQueueHandler", "load_checkpoint_file"]
+__all__ = ["SwAVQueueHandler"]
 
 _FORMAT_VERSION = 1
 _FILE_PREFIX = "swav"
 _FILE_PATTERN = re.compile(rf"^{_FILE_PREFIX}_queue_(\d+)\.pt$")
 
 
-def _check_archive(path: Path) -> None:
-    # torch.load does not verify the CRC-32 that torch.save writes for every record of its zip archive, so a
-    # flipped byte in tensor data would load silently as a wrong weight; zipfile checks them all.
-    if not zipfile.is_zipfile(path):
-        return  # not torch's zip format: torch.load reports what it is
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ValueError(f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error})") from None
-    if damaged is not None:
-        raise ValueError(f"checkpoint file '{path}' is corrupted: the data of '{damaged}' does not match its checksum")
-
-
-def load_checkpoint_file(path: str | Path) -> Any:
-    """Load a checkpoint file with ``torch.load(weights_only=True)``; never runs code stored in the file.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is empty, truncated or corrupted (the checksum of every record is verified),
-            or holds objects other than tensors, numbers, strings and containers of them (a pickle that would
-            run code is refused, not executed).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint file '{path}' is empty (0 bytes): it was not written completely")
-    _check_archive(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        message = str(error)
-        # torch's weights-only unpickler names the callable it refused to import: "GLOBAL module.name".
-        refused = re.search(r"GLOBAL (\S+)", message)
-        if isinstance(error, pickle.UnpicklingError) and refused and re.fullmatch(r"[\w.]+", refused.group(1)):
+def _check_same_on_every_rank(name: str, value: int) -> int:
+    # Local queues of different lengths would make the gather of state_dict abort the process (gloo) or hang.
+    if idist.get_world_size() > 1:  # one process: nothing to compare, and no wait for the device
+        values = idist.all_gather(torch.tensor([value], device=idist.device())).tolist()
+        if len(set(values)) > 1:
             raise ValueError(
-                f"checkpoint file '{path}' refers to '{refused.group(1)}', which is not a tensor or a number: the "
-                "file was refused without running any of its code (only files of tensors and numbers, as ignite's "
-                "Checkpoint writes them, are accepted)"
-            ) from None
-        detail = message.splitlines()[0][:200] if message else "no detail"
-        raise ValueError(
-            f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({type(error).__name__}: {detail})"
-        ) from None
+                f"the {name} differs between processes ({values}, by rank): every process needs the same {name} "
+                "for the queue to be split evenly"
+            )
+    return value
 
 
-class SwAVQueueHandler:
+class SwAVQueueHandler(Serializable):
     """Manages the queue of :class:`~ignite_swav.SwAVLoss` on every rank, as Ignite event handlers.
 
-    The queue holds, for each crop in ``crops_for_assign``, the embeddings of the last
-    ``queue_length // world_size`` samples of this rank; the loss adds them to the Sinkhorn equipartition once
-    the queue is full. ``attach(engine)`` registers:
+    The queue holds, for each crop the loss assigns, the embeddings of the last ``queue_length // world_size``
+    samples of this rank; the loss adds them to the Sinkhorn equipartition once the queue is full.
+    ``attach(engine)`` registers:
 
     - :meth:`on_started` on ``Events.STARTED``: trims ``queue_length`` to a multiple of the global batch
-      ``batch_size * world_size``; when ``dirname`` holds a queue file saved at the engine's current iteration
-      (a resumed run), loads it. A queue restored before the run (``load_state_dict``) is kept.
+      ``batch_size * world_size`` (logged once when that changes it); when ``dirname`` holds a queue file saved
+      at the engine's current iteration (a resumed run), loads it. A queue restored before the run
+      (``load_state_dict``) is kept.
     - :meth:`on_epoch_started` on ``Events.EPOCH_STARTED``: resets ``loss.use_queue``; creates the queue (zeros,
-      float32, ``(len(crops_for_assign), queue_length // world_size, feat_dim)`` on ``idist.device()``) the
-      first time ``engine.state.epoch - 1 >= epoch_queue_starts``, i.e. once ``epoch_queue_starts`` epochs
-      are done (Ignite epochs are 1-based; ``epoch_queue_starts=0`` creates it before the first epoch).
-    - :meth:`on_epoch_completed` on ``Events.EPOCH_COMPLETED``: every ``interval`` epochs, when ``dirname`` is
-      set, writes the queue of all ranks to one file through Ignite's ``Checkpoint`` and an atomic
-      ``DiskSaver`` (rank 0 writes; the last 2 files are kept, so one is always complete).
+      float32, ``(len(loss.crops_for_assign), queue_length // world_size, feat_dim)`` on ``idist.device()``)
+      the first time ``engine.state.epoch - 1 >= epoch_queue_starts``, i.e. once ``epoch_queue_starts`` epochs
+      are done (Ignite epochs are 1-based; ``epoch_queue_starts=0`` creates it before the first epoch). When
+      ``batch_size`` or ``feat_dim`` was not given and no batch has been seen yet, the loss creates the queue
+      at its next call, from that batch, before anything is pushed.
+    - :meth:`on_iteration_completed` on ``Events.ITERATION_COMPLETED``: sets ``engine.state.queue_in_use``
+      (for loggers); in the first iteration of a run, learns ``batch_size`` and ``feat_dim`` from the loss's
+      batch, or checks the given ones against it.
+    - :meth:`save_queue_file` on ``save_event`` when ``dirname`` is set: writes the queue of all ranks to one
+      file through Ignite's ``Checkpoint`` and an atomic ``DiskSaver`` (rank 0 writes; the last 2 files are
+      kept, so one is always complete).
 
     :meth:`state_dict` gathers the queues of all ranks into one ``(crops, queue_length, feat_dim)`` tensor:
     it is a collective, so a ``Checkpoint`` holding the handler must run on every rank (as Ignite's own
@@ -100,80 +71,111 @@ class SwAVQueueHandler:
     ``Checkpoint.load_objects`` (``weights_only=True``) loads it.
 
     Args:
-        loss: the :class:`~ignite_swav.SwAVLoss` whose ``queue`` and ``use_queue`` this handler manages.
-        batch_size: batch size per process.
-        epoch_queue_starts: number of epochs trained without a queue.
-        crops_for_assign: the assigned crops; must equal ``loss.crops_for_assign``.
-        feat_dim: width of the embeddings.
+        loss: the :class:`~ignite_swav.SwAVLoss` whose ``queue`` and ``use_queue`` this handler manages (one queue
+            slot per crop in its ``crops_for_assign``).
         queue_length: global queue length (all ranks together); 0 means no queue.
-        interval: save the queue file every ``interval`` epochs (only with ``dirname``).
+        epoch_queue_starts: number of epochs trained without a queue.
+        batch_size: batch size per process; ``None`` takes it from the first batch. When given, a first batch of
+            another size is an error.
+        feat_dim: width of the embeddings; ``None`` takes it from the first batch. When given, embeddings of
+            another width are an error in the first iteration.
         dirname: directory of the queue file; ``None`` to keep the queue only in the user's own ``Checkpoint``.
+        save_event: when to write the queue file (an Ignite event, filters allowed:
+            ``Events.EPOCH_COMPLETED(every=5)``); only with ``dirname``.
 
     Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from ignite.engine import Engine
+        >>> from ignite_swav import SwAVLoss, SwAVQueueHandler
+        >>> loss_fn = SwAVLoss()
+        >>> prototypes = F.normalize(torch.randn(10, 4), dim=1)
+        >>> def step(engine, batch):
+        ...     embeddings = [F.normalize(torch.randn(8, 4), dim=1) for _ in range(4)]
+        ...     scores = [z @ prototypes.t() for z in embeddings]
+        ...     return loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes).item()
+        >>> trainer = Engine(step)
+        >>> handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=1)
+        >>> handler.attach(trainer)
+        >>> state = trainer.run(range(3), max_epochs=3)
+        >>> handler.queue.shape, trainer.state.queue_in_use
+        (torch.Size([2, 16, 4]), True)
+
+        With a ``Checkpoint`` of model, optimizer and queue in one file, attached after the handler so that the
+        queue's end-of-epoch work runs first:
+
         .. code-block:: python
 
-            from ignite.engine import Engine, Events
-            from ignite.handlers import Checkpoint, DiskSaver
-            from ignite_swav import SwAVLoss, SwAVQueueHandler
-
-            loss_fn = SwAVLoss(crops_for_assign=(0, 1))
-            queue_handler = SwAVQueueHandler(loss_fn, batch_size=64, epoch_queue_starts=15, queue_length=3840)
-            trainer = Engine(train_step)  # train_step calls loss_fn(scores=..., embeddings=..., prototypes=...)
-            queue_handler.attach(trainer)
-            # model, optimizer and queue in one file, from the same moment; attached after the handler, so the
-            # queue's end-of-epoch work runs first
-            to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": queue_handler}
-            checkpoint = Checkpoint(to_save, DiskSaver("runs", require_empty=False))
-            trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+            to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver("runs")))
     """
+
+    _state_dict_all_req_keys = ("queue",)
 
     def __init__(
         self,
         loss: SwAVLoss,
-        batch_size: int,
-        epoch_queue_starts: int = 15,
-        crops_for_assign: Sequence[int] = (0, 1),
-        feat_dim: int = 128,
         queue_length: int = 0,
-        interval: int = 1,
+        epoch_queue_starts: int = 15,
+        batch_size: int | None = None,
+        feat_dim: int | None = None,
         dirname: str | Path | None = None,
+        save_event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
     ) -> None:
         if not isinstance(loss, SwAVLoss):
             raise TypeError(f"loss must be an ignite_swav.SwAVLoss, got {type(loss).__name__}")
         self.loss = loss
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.epoch_queue_starts = check_int("epoch_queue_starts", epoch_queue_starts, 0)
-        self.crops_for_assign = check_crops_for_assign(crops_for_assign)
-        if self.crops_for_assign != loss.crops_for_assign:
-            raise ValueError(
-                f"crops_for_assign={self.crops_for_assign} differs from the loss's crops_for_assign="
-                f"{loss.crops_for_assign}: the queue has one slot per crop the loss assigns, pass the same crops"
-            )
-        self.feat_dim = check_int("feat_dim", feat_dim, 1)
         self.requested_queue_length = check_int("queue_length", queue_length, 0)
-        self.interval = check_int("interval", interval, 1)
+        self.epoch_queue_starts = check_int("epoch_queue_starts", epoch_queue_starts, 0)
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
+        self.feat_dim = None if feat_dim is None else check_int("feat_dim", feat_dim, 1)
         self.dirname = Path(dirname) if dirname is not None else None
+        if self.dirname is not None and self.dirname.exists() and not self.dirname.is_dir():
+            raise ValueError(
+                f"dirname='{self.dirname}' is a file, not a directory: give a directory for the queue file"
+            )
+        if not isinstance(save_event, CallableEventWithFilter):
+            raise TypeError(
+                "save_event must be an Ignite event such as Events.EPOCH_COMPLETED or "
+                f"Events.EPOCH_COMPLETED(every=5), got {save_event!r}"
+            )
+        self.save_event = save_event
         # The trimmed global length; set for the current world size on STARTED (or on load_state_dict).
         self.queue_length = self.requested_queue_length
         self.queue: Tensor | None = None
         self._saver: Checkpoint | None = None
-        self._short_queue_warned = False
+        self._reported_lengths: set[tuple[int, int]] = set()
+        self._first_iteration_checked = False
+
+    @property
+    def crops_for_assign(self) -> tuple[int, ...]:
+        """The loss's assigned crops: one queue slot each."""
+        return self.loss.crops_for_assign
 
     def _global_queue_length(self) -> int:
-        global_batch = self.batch_size * idist.get_world_size()
+        world_size = idist.get_world_size()
+        if self.batch_size is None:  # until the first batch: only equal shares per rank
+            return self.requested_queue_length - self.requested_queue_length % world_size
+        global_batch = self.batch_size * world_size
         length = self.requested_queue_length - self.requested_queue_length % global_batch
-        if 0 < self.requested_queue_length < global_batch and not self._short_queue_warned:
-            self._short_queue_warned = True
-            warnings.warn(
-                f"queue_length={self.requested_queue_length} is smaller than the global batch "
-                f"(batch_size={self.batch_size} x world_size={idist.get_world_size()} = {global_batch}): "
-                "no queue will be used; pass a queue_length that is a multiple of the global batch",
-                stacklevel=3,
+        reported = (self.requested_queue_length, length)
+        if length != self.requested_queue_length and reported not in self._reported_lengths:
+            self._reported_lengths.add(reported)
+            advice = "no queue will be used; " if length == 0 else ""
+            logging.getLogger(__name__).warning(
+                "queue_length=%d is used as %d: a multiple of the global batch (batch_size=%d x world_size=%d = %d); "
+                "%spass a multiple of it to use the length you asked for",
+                self.requested_queue_length,
+                length,
+                self.batch_size,
+                world_size,
+                global_batch,
+                advice,
             )
         return length
 
     def attach(self, engine: Engine) -> None:
-        """Register :meth:`on_started`, :meth:`on_epoch_started` and :meth:`on_epoch_completed` on ``engine``.
+        """Register the handlers on ``engine`` (see the class description).
 
         Attach it before a ``Checkpoint`` on ``EPOCH_COMPLETED``: handlers of one event run in the order of
         registration.
@@ -184,28 +186,83 @@ class SwAVQueueHandler:
             raise ValueError("this SwAVQueueHandler is already attached to this engine; attach it only once")
         engine.add_event_handler(Events.STARTED, self.on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.on_epoch_started)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.on_epoch_completed)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration_completed)
+        if self.dirname is not None:
+            engine.add_event_handler(self.save_event, self.save_queue_file)
+        engine.state.queue_in_use = False
 
     def on_started(self, engine: Engine) -> None:
         """Trim ``queue_length`` to the global batch; load the queue file of a resumed run from ``dirname``."""
+        if self.batch_size is not None:
+            _check_same_on_every_rank("batch_size", self.batch_size)
         self.queue_length = self._global_queue_length()
+        self._first_iteration_checked = False
         if self.queue is None and self.dirname is not None:
             self._load_from_dirname(engine)
         self.loss.queue = self.queue
+        engine.state.queue_in_use = False
 
     def on_epoch_started(self, engine: Engine) -> None:
         """Reset ``loss.use_queue``; create the queue once ``epoch_queue_starts`` epochs are done."""
         self.loss.use_queue = False
-        if self.queue is None and self.queue_length > 0 and engine.state.epoch - 1 >= self.epoch_queue_starts:
-            local_length = self.queue_length // idist.get_world_size()
-            self.queue = torch.zeros(
-                len(self.crops_for_assign), local_length, self.feat_dim, dtype=torch.float32, device=idist.device()
-            )
+        due = self.queue is None and self.queue_length > 0 and engine.state.epoch - 1 >= self.epoch_queue_starts
+        if due and self.batch_size is not None and self.feat_dim is not None:
+            self._create_queue()
+        elif due:
+            # Shapes not known yet: the loss calls back with its first batch, before pushing it.
+            self.loss._queue_factory = self._create_queue_from_batch
         self.loss.queue = self.queue
 
-    def on_epoch_completed(self, engine: Engine) -> None:
-        """Every ``interval`` epochs, write the queue of all ranks to ``dirname`` (a collective)."""
-        if self.dirname is None or engine.state.epoch % self.interval != 0:
+    def on_iteration_completed(self, engine: Engine) -> None:
+        """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes."""
+        engine.state.queue_in_use = bool(self.loss.use_queue)
+        if self._first_iteration_checked or self.loss.last_batch_shape is None:
+            return
+        self._first_iteration_checked = True
+        self._learn_or_check_shapes(*self.loss.last_batch_shape)
+
+    def _learn_or_check_shapes(self, batch_size: int, feat_dim: int) -> None:
+        if self.feat_dim is None:
+            self.feat_dim = feat_dim
+        elif feat_dim != self.feat_dim:
+            raise ValueError(
+                f"SwAVQueueHandler(feat_dim={self.feat_dim}), but the loss gets embeddings of width {feat_dim}: "
+                f"pass feat_dim={feat_dim}, or leave it out to take it from the batch"
+            )
+        if self.batch_size is None:
+            self.batch_size = _check_same_on_every_rank("batch size", batch_size)
+            self.queue_length = self._global_queue_length() if self.queue is None else self.queue_length
+        elif batch_size != self.batch_size:
+            raise ValueError(
+                f"SwAVQueueHandler(batch_size={self.batch_size}), but the first batch of the run holds {batch_size} "
+                f"samples on this process: pass batch_size={batch_size}, or leave it out to take it from the batch"
+            )
+
+    def _create_queue(self, device: torch.device | None = None) -> None:
+        assert self.feat_dim is not None
+        local_length = self.queue_length // idist.get_world_size()
+        if local_length == 0:
+            return
+        self.queue = torch.zeros(
+            len(self.crops_for_assign),
+            local_length,
+            self.feat_dim,
+            dtype=torch.float32,
+            device=device or idist.device(),
+        )
+        self.loss.queue = self.queue
+
+    def _create_queue_from_batch(self, batch_size: int, feat_dim: int, device: torch.device) -> Tensor | None:
+        self._learn_or_check_shapes(batch_size, feat_dim)
+        self._first_iteration_checked = True
+        self.queue_length = self._global_queue_length()
+        if self.queue is None:
+            self._create_queue(device)
+        return self.queue
+
+    def save_queue_file(self, engine: Engine) -> None:
+        """Write the queue of all ranks to ``dirname`` (a collective), keeping the last 2 files."""
+        if self.dirname is None:
             return
         if self._saver is None:
             self._saver = Checkpoint(
@@ -227,7 +284,7 @@ class SwAVQueueHandler:
         if self.queue is not None:
             world_size = idist.get_world_size()
             local = self.queue.detach().contiguous()
-            gathered = idist.all_gather(local) if world_size > 1 else local
+            gathered = idist.all_gather(local)
             crops, length, dim = local.shape
             # (world, crops, length, dim) -> (crops, length, world, dim): interleave the ranks row by row.
             queue = gathered.view(world_size, crops, length, dim).permute(1, 2, 0, 3).reshape(crops, -1, dim).cpu()
@@ -235,7 +292,7 @@ class SwAVQueueHandler:
             "version": _FORMAT_VERSION,
             "queue": queue,
             "queue_length": self.queue_length,
-            "feat_dim": self.feat_dim,
+            "feat_dim": self.feat_dim or (queue.shape[2] if queue is not None else 0),
             "num_crops": len(self.crops_for_assign),
         }
 
@@ -250,7 +307,9 @@ class SwAVQueueHandler:
             ValueError: the state is not a queue state, or its feature width or crop count differ from this
                 handler's (the message names both), or it holds non-finite values.
         """
-        queue = self._validated_queue(state_dict)
+        queue = self.validate_state_dict(state_dict)
+        if queue is not None and self.feat_dim is None:
+            self.feat_dim = queue.shape[2]
         self.queue_length = self._global_queue_length()
         if queue is None:
             self.queue = None
@@ -266,17 +325,21 @@ class SwAVQueueHandler:
                 kept = min(self.queue_length, queue.shape[1])
                 resized[:, :kept] = queue[:, :kept]
                 queue = resized
-            # Global row g goes to rank g % world_size, local row g // world_size: ages stay interleaved.
-            self.queue = queue[:, rank::world_size].to(device=idist.device(), dtype=torch.float32).contiguous()
+            # Global row g goes to rank g % world_size, local row g // world_size: ages stay interleaved. A copy,
+            # so that training never writes into the caller's state.
+            self.queue = queue[:, rank::world_size].to(device=idist.device(), dtype=torch.float32, copy=True)
             if self.queue.shape[1] == 0:
                 self.queue = None
         self.loss.queue = self.queue
         self.loss.use_queue = False
 
-    def _validated_queue(self, state_dict: Mapping[str, Any]) -> Tensor | None:
-        if not isinstance(state_dict, Mapping) or "queue" not in state_dict:
-            found = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            raise ValueError(f"not a SwAVQueueHandler state: expected a mapping with a 'queue' entry, got {found}")
+    def validate_state_dict(self, state_dict: Mapping[str, Any]) -> Tensor | None:
+        """Check ``state_dict`` as :meth:`load_state_dict` would, changing nothing; returns its queue.
+
+        Raises:
+            TypeError, ValueError: as :meth:`load_state_dict`.
+        """
+        Serializable.load_state_dict(self, state_dict)  # Ignite's checks: a mapping with the required keys
         for key, value in state_dict.items():
             if key != "queue" and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise ValueError(f"queue state entry '{key}' must be an integer, got {type(value).__name__}")
@@ -287,7 +350,7 @@ class SwAVQueueHandler:
             shape = tuple(queue.shape) if isinstance(queue, Tensor) else type(queue).__name__
             raise ValueError(f"queue state holds a 'queue' of {shape}, expected a float tensor (crops, length, dim)")
         crops, _, dim = queue.shape
-        if dim != self.feat_dim:
+        if self.feat_dim is not None and dim != self.feat_dim:
             raise ValueError(
                 f"the saved queue holds embeddings of width {dim}, but this handler has feat_dim={self.feat_dim}: "
                 "the checkpoint comes from another model"

@@ -71,3 +71,9 @@ def test_augment_benchmark_with_training():
         "--batches", "1", "--repeats", "1", "--workers", "0", "--train",
     )  # fmt: skip
     assert "BatchedMultiCrop alone" in out and "training resnet18" in out
+
+
+def test_arch_benchmark_prints_a_rate_per_backbone():
+    out = run_script("arch.py", "--batch-size", "4", "--steps", "1")
+    rows = [line for line in out.splitlines() if "resnet" in line]
+    assert len(rows) == 4 and all(float(row.split()[-1]) > 0 for row in rows)

@@ -43,6 +43,12 @@ def _sinkhorn_and_loss_worker(rank: int) -> None:
     got = sinkhorn_codes(mine, queues[rank])
     assert torch.allclose(got.double(), expected[start : start + 16], atol=1e-6)
 
+    # a wide spread of scores (the log-domain path): still one equipartition over the rows of both ranks, and
+    # the path is chosen from the spread over both ranks (rank 1 alone would take the float32 kernel)
+    wide = torch.cat([full.chunk(WORLD)[0] * 30, full.chunk(WORLD)[1]])
+    expected = classic_sinkhorn(wide, 3, 0.05).chunk(WORLD)[rank]
+    assert torch.allclose(sinkhorn(wide.chunk(WORLD)[rank]).double(), expected, atol=1e-5)
+
     # rank 0's rows all prefer prototype 0, rank 1's prototype 1: balancing each rank on its own (as a
     # per-rank Sinkhorn would) spreads each rank over all prototypes; the global equipartition does not.
     skewed = torch.full((16, 4), -1.0)
@@ -83,10 +89,10 @@ def _make_run(rank: int, epoch_queue_starts: int, dirname=None):
     loss_fn = SwAVLoss()
     handler = SwAVQueueHandler(
         loss_fn,
-        batch_size=4,
-        epoch_queue_starts=epoch_queue_starts,
-        feat_dim=FEAT_DIM,
         queue_length=18,
+        epoch_queue_starts=epoch_queue_starts,
+        batch_size=4,
+        feat_dim=FEAT_DIM,
         dirname=dirname,
     )
     prototypes = unit(6, FEAT_DIM, seed=0)
@@ -160,8 +166,8 @@ def _ddp_and_knn_worker(rank: int, expected_knn: float) -> None:
     assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
     optimizer = idist.auto_optim(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
     loss_fn = SwAVLoss()
-    trainer = create_swav_trainer(model, loss_fn, optimizer, freeze_prototypes_iters=1)
-    SwAVQueueHandler(loss_fn, batch_size=4, epoch_queue_starts=0, feat_dim=8, queue_length=16).attach(trainer)
+    trainer = create_swav_trainer(model, optimizer, loss_fn, freeze_prototypes_iters=1)
+    SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=0).attach(trainer)
     start = model.module.prototypes.weight.detach().clone()
     data = [random_crops(4, sizes=(16, 16, 8, 8), seed=10 * rank + i) for i in range(4)]  # other data per rank
     trainer.run(data, max_epochs=1)
@@ -201,3 +207,27 @@ def test_ddp_step_keeps_ranks_identical_and_knn_is_correct_on_two_ranks():
     expected = evaluator.state.metrics["knn_top1"]
     assert 0 < expected < 1  # not a trivial case
     spawn(_ddp_and_knn_worker, expected)
+
+
+def _different_batch_sizes_worker(rank: int) -> None:
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=0, batch_size=4 + 4 * rank, feat_dim=8)
+    trainer = Engine(lambda engine, batch: None)
+    handler.attach(trainer)
+    with pytest.raises(ValueError, match=r"the batch_size differs between processes \(\[4, 8\], by rank\)"):
+        trainer.run([0], max_epochs=1)
+
+
+def test_per_rank_batch_sizes_that_differ_are_one_clear_error_on_every_rank():
+    spawn(_different_batch_sizes_worker)
+
+
+def _different_prototypes_worker(rank: int) -> None:
+    prototypes = unit(6 + rank, FEAT_DIM, seed=0)  # rank 1 has one prototype more
+    crops = [unit(4, FEAT_DIM, seed=v) for v in range(3)]
+    with pytest.raises(ValueError, match=r"by rank: \[\(4, 8, 6\), \(4, 8, 7\)\]"):
+        SwAVLoss()(scores=[z @ prototypes.t() for z in crops], embeddings=crops, prototypes=prototypes)
+
+
+def test_processes_with_other_shapes_are_told_so_instead_of_aborting_in_a_collective():
+    spawn(_different_prototypes_worker)

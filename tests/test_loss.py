@@ -196,3 +196,27 @@ def test_a_loss_that_overflows_with_finite_scores_is_named():
     with pytest.raises(ValueError, match="in the loss although the scores are finite"):
         loss_fn(scores=huge, embeddings=embeddings, prototypes=prototypes)
     assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+
+
+def test_a_deferred_check_raises_later_and_the_queue_is_never_written():
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(2, 4, 8, prototypes)
+    embeddings[0] = embeddings[0].clone()
+    embeddings[0][2, 1] = float("nan")
+    loss_fn = SwAVLoss()
+    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
+    assert loss.ndim == 0 and torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match=r"embeddings\[0\]"):
+        loss_fn.raise_if_non_finite()
+    loss_fn.raise_if_non_finite()  # reported once
+
+    # never checked by the caller: the next call reports it before computing anything
+    loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
+    finite_scores, finite_embeddings = make_crops(2, 4, 8, prototypes)
+    with pytest.raises(ValueError, match=r"embeddings\[0\]"):
+        loss_fn(scores=finite_scores, embeddings=finite_embeddings, prototypes=prototypes)
+    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    loss_fn(scores=finite_scores, embeddings=finite_embeddings, prototypes=prototypes, check_finite=False)
+    loss_fn.raise_if_non_finite()
+    assert torch.equal(loss_fn.queue[0, :4], finite_embeddings[0])

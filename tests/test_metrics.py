@@ -119,3 +119,50 @@ def test_evaluator_with_recalibrated_batchnorm():
     evaluator.run([held])
     assert evaluator.state.metrics["knn_top1"] == 1.0
     assert torch.equal(backbone[1].running_mean, torch.zeros(3))
+
+
+def test_knn_accuracy_takes_metrics_arguments_and_attaches_like_any_ignite_metric():
+    from ignite.engine import Engine
+
+    centres = torch.eye(3) * 4
+    metric = KNNAccuracy(k=3, output_transform=lambda out: (out["f"], out["y"]), device="cpu", skip_unrolling=True)
+    metric.set_reference(*clusters(8, centres, 0.2, seed=0))
+    held = clusters(5, centres, 0.2, seed=1)
+    engine = Engine(lambda e, batch: {"f": batch[0], "y": batch[1]})
+    metric.attach(engine, "knn")
+    assert engine.run([held]).metrics["knn"] == 1.0
+
+
+def test_the_evaluator_mirrors_create_supervised_evaluator():
+    centres = torch.eye(3) * 4
+    ref = clusters(8, centres, 0.2, seed=0)
+    held = clusters(5, centres, 0.2, seed=1)
+    # batches as dicts: a prepare_batch in Ignite's form picks (x, y) and moves them
+    as_dicts = [{"image": x, "label": y} for x, y in (ref, held)]
+    prepared = []
+
+    def prepare_batch(batch, device, non_blocking):
+        prepared.append((device, non_blocking))
+        return batch["image"].to(device), batch["label"].to(device)
+
+    class TwoHeads(nn.Module):
+        def forward(self, x):
+            return {"features": x, "other": -x}
+
+    seen = []
+    evaluator = create_knn_evaluator(
+        TwoHeads(),
+        [as_dicts[0]],
+        device="cpu",
+        non_blocking=True,
+        prepare_batch=prepare_batch,
+        model_transform=lambda out: out["features"],
+        output_transform=lambda x, y, y_pred: seen.append(x.shape) or (y_pred, y),
+        amp_mode="amp",
+        k=3,
+        metric_name="top1",
+    )
+    assert evaluator.run([as_dicts[1]]).metrics["top1"] == 1.0
+    assert prepared == [("cpu", True), ("cpu", True)] and seen == [torch.Size([15, 3])]
+    with pytest.raises(ValueError, match="amp_mode must be None or 'amp'"):
+        create_knn_evaluator(TwoHeads(), [as_dicts[0]], amp_mode="apex")

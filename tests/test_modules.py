@@ -121,3 +121,28 @@ def test_freezing_the_running_statistics_does_not_change_the_training_outputs():
     for a, b in zip(frozen(crops), blended(crops)):
         for x, y in zip(a, b):
             assert torch.equal(x, y)  # batch statistics in training either way
+
+
+def test_every_public_name_has_a_docstring_example_and_the_package_is_typed():
+    from pathlib import Path
+
+    import ignite_swav
+
+    missing = [
+        name
+        for name in ignite_swav.__all__
+        if not isinstance(getattr(ignite_swav, name), str) and ">>>" not in (getattr(ignite_swav, name).__doc__ or "")
+    ]
+    assert missing == []  # each example runs as a doctest of the suite (setup.cfg: --doctest-modules)
+    assert (Path(ignite_swav.__file__).parent / "py.typed").is_file()
+
+
+def test_crops_given_small_first_or_as_uint8_are_refused_with_the_reason():
+    from helpers import tiny_swav_model
+
+    model = tiny_swav_model()
+    small_first = [torch.randn(2, 3, 8, 8)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
+    with pytest.raises(ValueError, match=r"crops\[2\] \(16x16\) is larger than crops\[1\]: give the crops large first"):
+        model(small_first)
+    with pytest.raises(TypeError, match=r"crops\[0\] has dtype torch.uint8.*BatchedMultiCrop"):
+        model([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)] * 2)

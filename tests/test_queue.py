@@ -15,13 +15,13 @@ FEAT_DIM = 8
 NUM_PROTOTYPES = 6
 
 
-def make_step(loss_fn: SwAVLoss, batch_size: int, num_crops: int = 3, seed: int = 0):
+def make_step(loss_fn: SwAVLoss, batch_size: int, num_crops: int = 3, seed: int = 0, feat_dim: int = FEAT_DIM):
     """An engine step that feeds the loss random unit embeddings; records whether the queue was used."""
     g = torch.Generator().manual_seed(seed)
-    prototypes = F.normalize(torch.randn(NUM_PROTOTYPES, FEAT_DIM, generator=g), dim=1)
+    prototypes = F.normalize(torch.randn(NUM_PROTOTYPES, feat_dim, generator=g), dim=1)
 
     def step(engine: Engine, batch) -> dict:
-        embeddings = [F.normalize(torch.randn(batch_size, FEAT_DIM, generator=g), dim=1) for _ in range(num_crops)]
+        embeddings = [F.normalize(torch.randn(batch_size, feat_dim, generator=g), dim=1) for _ in range(num_crops)]
         scores = [z @ prototypes.t() for z in embeddings]
         loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
         return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
@@ -29,26 +29,34 @@ def make_step(loss_fn: SwAVLoss, batch_size: int, num_crops: int = 3, seed: int 
     return step
 
 
-def make_trainer(batch_size=4, queue_length=16, epoch_queue_starts=1, dirname=None, interval=1):
+def make_trainer(batch_size=4, queue_length=16, epoch_queue_starts=1, dirname=None, save_event=Events.EPOCH_COMPLETED):
     loss_fn = SwAVLoss()
     handler = SwAVQueueHandler(
         loss_fn,
-        batch_size=batch_size,
-        epoch_queue_starts=epoch_queue_starts,
-        feat_dim=FEAT_DIM,
         queue_length=queue_length,
+        epoch_queue_starts=epoch_queue_starts,
+        batch_size=batch_size,
+        feat_dim=FEAT_DIM,
         dirname=dirname,
-        interval=interval,
+        save_event=save_event,
     )
     trainer = Engine(make_step(loss_fn, batch_size))
     handler.attach(trainer)
     return trainer, handler, loss_fn
 
 
-def test_started_trims_the_queue_length_to_the_global_batch():
+def test_started_trims_the_queue_length_to_the_global_batch_and_says_so_once(caplog):
     trainer, handler, _ = make_trainer(batch_size=4, queue_length=18)
-    trainer.run([0], max_epochs=1)
+    with caplog.at_level(logging.WARNING):
+        trainer.run([0], max_epochs=1)
+        trainer.run([0], max_epochs=1)
     assert handler.queue_length == 16
+    messages = [r.getMessage() for r in caplog.records if "queue_length" in r.getMessage()]
+    assert (
+        len(messages) == 1
+        and "queue_length=18 is used as 16" in messages[0]
+        and "(batch_size=4 x world_size=1" in messages[0]
+    )
 
 
 def test_queue_is_created_after_epoch_queue_starts_epochs_and_never_recreated():
@@ -71,7 +79,7 @@ def test_queue_is_created_after_epoch_queue_starts_epochs_and_never_recreated():
 def test_epoch_queue_starts_zero_creates_the_queue_before_the_first_epoch():
     trainer, handler, loss_fn = make_trainer(epoch_queue_starts=0)
     out = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.append(e.state.output["use_queue"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.append(e.state.queue_in_use))
     trainer.run(range(6), max_epochs=1)
     # queue of 16 rows, batch of 4: full after 4 steps, used from the 5th
     assert out == [False, False, False, False, True, True]
@@ -86,10 +94,11 @@ def test_use_queue_is_reset_at_every_epoch_start():
     assert loss_fn.use_queue  # switched on again in the epoch, the queue being full
 
 
-def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue():
+def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue(caplog):
     trainer, handler, loss_fn = make_trainer(batch_size=4, queue_length=3, epoch_queue_starts=0)
-    with pytest.warns(UserWarning, match=r"queue_length=3 is smaller than the global batch.*no queue will be used"):
+    with caplog.at_level(logging.WARNING):
         trainer.run(range(2), max_epochs=2)
+    assert "queue_length=3 is used as 0" in caplog.text and "no queue will be used" in caplog.text
     assert handler.queue is None and loss_fn.queue is None
 
 
@@ -100,11 +109,8 @@ def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue():
         ({"batch_size": -3}, ValueError, "batch_size must be an integer >= 1, got -3"),
         ({"queue_length": -1}, ValueError, "queue_length must be an integer >= 0, got -1"),
         ({"epoch_queue_starts": -1}, ValueError, "epoch_queue_starts must be an integer >= 0"),
-        ({"interval": 0}, ValueError, "interval must be an integer >= 1"),
+        ({"save_event": 2}, TypeError, "save_event must be an Ignite event such as Events.EPOCH_COMPLETED"),
         ({"feat_dim": 0}, ValueError, "feat_dim must be an integer >= 1"),
-        ({"crops_for_assign": (0,)}, ValueError, r"crops_for_assign=\(0,\) differs from the loss's"),
-        ({"crops_for_assign": []}, ValueError, "crops_for_assign must name at least one crop"),
-        ({"crops_for_assign": (1, 1)}, ValueError, "must not repeat a crop"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, error, message):
@@ -146,7 +152,7 @@ def test_a_resumed_run_keeps_the_restored_queue(tmp_path: Path):
 
     resumed, restored, loss_fn = make_trainer(epoch_queue_starts=1)
     used = []
-    resumed.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.output["use_queue"]))
+    resumed.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.queue_in_use))
     seen_at_start = []
     resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_at_start.append(restored.queue.clone()))
     Checkpoint.load_objects({"trainer": resumed, "queue_handler": restored}, tmp_path / "checkpoint_15.pt")
@@ -162,7 +168,7 @@ def test_load_refuses_another_feat_dim_or_crop_count():
     other = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=16)
     with pytest.raises(ValueError, match="embeddings of width 8, but this handler has feat_dim=16"):
         other.load_state_dict(state)
-    three = SwAVQueueHandler(SwAVLoss((0, 1, 2)), batch_size=4, feat_dim=FEAT_DIM, crops_for_assign=(0, 1, 2))
+    three = SwAVQueueHandler(SwAVLoss((0, 1, 2)), batch_size=4, feat_dim=FEAT_DIM)
     with pytest.raises(ValueError, match=r"2 crop slot\(s\), but this handler assigns 3 crops"):
         three.load_state_dict(state)
 
@@ -170,8 +176,8 @@ def test_load_refuses_another_feat_dim_or_crop_count():
 @pytest.mark.parametrize(
     "state,message",
     [
-        ({}, "expected a mapping with a 'queue' entry"),
-        ([1, 2], "expected a mapping with a 'queue' entry, got list"),
+        ({}, "Required state attribute 'queue' is absent"),
+        ([1, 2], "state_dict should be a dictionary"),
         ({"queue": torch.zeros(2, 4)}, r"a 'queue' of \(2, 4\), expected a float tensor"),
         ({"queue": "x"}, "a 'queue' of str"),
         ({"queue": None, "feat_dim": "8"}, "entry 'feat_dim' must be an integer, got str"),
@@ -180,7 +186,7 @@ def test_load_refuses_another_feat_dim_or_crop_count():
 )
 def test_load_refuses_malformed_states(state, message):
     handler = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=16)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         handler.load_state_dict(state)
 
 
@@ -195,8 +201,10 @@ def test_load_keeps_the_newest_rows_when_the_length_changes():
     assert torch.equal(longer.queue[:, 16:], torch.zeros(2, 8, FEAT_DIM))  # not full: refilled before use
 
 
-def test_dirname_saves_every_interval_and_a_resumed_run_loads_the_matching_file(tmp_path: Path):
-    trainer, handler, _ = make_trainer(epoch_queue_starts=0, dirname=tmp_path, interval=2)
+def test_dirname_saves_on_its_event_filter_and_a_resumed_run_loads_the_matching_file(tmp_path: Path):
+    trainer, handler, _ = make_trainer(
+        epoch_queue_starts=0, dirname=tmp_path, save_event=Events.EPOCH_COMPLETED(every=2)
+    )
     trainer.run(range(3), max_epochs=6)
     # every 2 epochs of 3 iterations; the last 2 files are kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swav_queue_12.pt", "swav_queue_18.pt"]
@@ -272,3 +280,59 @@ def test_no_warning_for_a_valid_queue_length():
         warnings.simplefilter("error")
         trainer, _, _ = make_trainer(batch_size=4, queue_length=16)
         trainer.run(range(2), max_epochs=1)
+
+
+def test_a_handler_without_feat_dim_and_batch_size_takes_them_from_the_first_batch():
+    for epoch_queue_starts in (0, 1):
+        loss_fn = SwAVLoss()
+        handler = SwAVQueueHandler(loss_fn, queue_length=18, epoch_queue_starts=epoch_queue_starts)
+        trainer = Engine(make_step(loss_fn, batch_size=4))
+        handler.attach(trainer)
+        used = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e, u=used: u.append(e.state.queue_in_use))
+        trainer.run(range(5), max_epochs=2)
+        assert (handler.batch_size, handler.feat_dim, handler.queue_length) == (4, FEAT_DIM, 16)
+        assert handler.queue.shape == (2, 16, FEAT_DIM) and loss_fn.queue is handler.queue
+        # the queue holds 16 rows: full after 4 pushes of 4, used from the 5th batch that reaches it
+        assert used == ([False] * 4 + [True] * 6 if epoch_queue_starts == 0 else [False] * 9 + [True])
+        assert handler.state_dict()["feat_dim"] == FEAT_DIM
+
+
+def test_a_wrong_feat_dim_or_batch_size_is_reported_in_the_first_iteration():
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=15, feat_dim=128)
+    trainer = Engine(make_step(loss_fn, batch_size=4))
+    handler.attach(trainer)
+    with pytest.raises(ValueError, match=r"SwAVQueueHandler\(feat_dim=128\), but the loss gets embeddings of width 8"):
+        trainer.run(range(5), max_epochs=20)
+    assert trainer.state.iteration == 1
+
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(loss_fn, queue_length=16, batch_size=64)
+    trainer = Engine(make_step(loss_fn, batch_size=4))
+    handler.attach(trainer)
+    with pytest.raises(ValueError, match=r"SwAVQueueHandler\(batch_size=64\), but the first batch of the run holds 4"):
+        trainer.run(range(5), max_epochs=2)
+    assert trainer.state.iteration == 1
+
+    # a queue created before the first batch with the wrong width: the loss names the handler's setting
+    loss_fn = SwAVLoss()
+    SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=0, batch_size=4, feat_dim=16).attach(
+        trainer := Engine(make_step(loss_fn, batch_size=4))
+    )
+    with pytest.raises(ValueError, match="SwAVQueueHandler's feat_dim must be the width of the embeddings"):
+        trainer.run(range(5), max_epochs=2)
+
+
+def test_the_handler_is_an_ignite_serializable_and_never_aliases_a_loaded_state():
+    from ignite.base import Serializable
+
+    trainer, handler, loss_fn = make_trainer(epoch_queue_starts=0)
+    assert isinstance(handler, Serializable)
+    queue = F.normalize(torch.randn(2, 16, FEAT_DIM), dim=2)
+    state = {"queue": queue}
+    handler.load_state_dict(state)
+    before = queue.clone()
+    trainer.run(range(3), max_epochs=1)
+    assert torch.equal(state["queue"], before)  # training wrote into the handler's own copy
+    assert not torch.equal(handler.queue, before)

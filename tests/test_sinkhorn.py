@@ -56,12 +56,14 @@ def test_unnormalised_scores_do_not_overflow():
 
 
 def test_extreme_scores_give_finite_codes_that_sum_to_one():
+    from reference import log_domain_sinkhorn
+
     scores = torch.randn(64, 30, generator=torch.Generator().manual_seed(0)) * 1000
     got = sinkhorn(scores)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.sum(dim=1), torch.ones(64), atol=1e-5)
-    # Each row's mass sits on its own highest scores: the best prototype gets a positive code.
-    assert (got.gather(1, scores.argmax(dim=1, keepdim=True)) > 0).all()
+    # beyond what the classic loop can compute, still the exact algorithm (written in the log domain)
+    assert (got.double() - log_domain_sinkhorn(scores)).abs().max() < 1e-4
 
 
 def test_runs_in_float32_outside_autocast():
@@ -105,3 +107,48 @@ def test_bad_input_is_refused_with_a_clear_message(kwargs, error, message):
 def test_extra_scores_with_other_prototype_count_are_refused():
     with pytest.raises(ValueError, match="extra_scores must have 4 columns"):
         sinkhorn_codes(torch.zeros(2, 4), torch.zeros(3, 5))
+
+
+# every (epsilon, score range) with epsilon down to 0.01 and scores up to +-50 where exp(scores / epsilon) fits
+# float64, so that the classic loop gives a reference
+EXACT_CASES = [
+    (e, r) for e in (0.05, 0.03, 0.02, 0.01) for r in (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0) if r / e <= 700
+]
+
+
+@pytest.mark.parametrize("epsilon,score_range", EXACT_CASES)
+def test_codes_stay_exact_wherever_the_float64_loop_is_finite(epsilon, score_range):
+    g = torch.Generator().manual_seed(int(score_range * 100 + epsilon * 1000))
+    scores = (torch.rand(96, 40, generator=g) * 2 - 1) * score_range
+    extra = (torch.rand(160, 40, generator=g) * 2 - 1) * score_range
+    # a few prototypes far below every row's best score, as in a collapsing or early model
+    scores[:, :5] -= score_range / 2
+    extra[:, :5] -= score_range / 2
+    expected = classic_sinkhorn(torch.cat([scores, extra]), 3, epsilon)[:96]
+    assert torch.isfinite(expected).all()
+    got = sinkhorn_codes(scores, extra, iterations=3, epsilon=epsilon)
+    assert (got.double() - expected).abs().max() < 1e-4
+    assert torch.allclose(got.sum(dim=1), torch.ones(96), atol=1e-5)
+
+
+def test_the_classic_loop_and_its_log_domain_form_agree():
+    from reference import log_domain_sinkhorn
+
+    scores = cosine_scores(40, 12, seed=7)
+    assert torch.allclose(log_domain_sinkhorn(scores, 3, 0.05), classic_sinkhorn(scores, 3, 0.05), atol=1e-12)
+
+
+def test_inputs_that_used_to_fail_inside_torch_or_give_nan_get_a_clear_answer():
+    with pytest.raises(ValueError, match=r"at least one row and one column \(prototype\), got shape \(4, 0\)"):
+        sinkhorn(torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="'meta' device, which holds no values"):
+        sinkhorn(torch.zeros(4, 3, device="meta"))
+    # float64 scores beyond float32's range: worked on in float64, finite codes (one row: uniform, as balanced)
+    codes = sinkhorn(torch.tensor([[1e300, -1e300, 0.0]], dtype=torch.float64))
+    assert torch.allclose(codes, torch.full((1, 3), 1 / 3))
+    # an epsilon that makes scores / epsilon overflow is refused, naming epsilon
+    with pytest.raises(ValueError, match="epsilon=1e-39 is too small for these scores"):
+        sinkhorn(torch.tensor([[1e300, 0.0]], dtype=torch.float64), epsilon=1e-39)
+    # a tiny epsilon with ordinary scores: hard assignments, finite
+    codes = sinkhorn(cosine_scores(8, 4), epsilon=1e-39)
+    assert torch.isfinite(codes).all() and torch.allclose(codes.sum(dim=1), torch.ones(8))

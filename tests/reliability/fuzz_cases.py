@@ -65,11 +65,10 @@ def run_case(case: Case) -> str:
         )
         handler = SwAVQueueHandler(
             loss,
-            batch_size=max(case.batch, 1),
-            epoch_queue_starts=0,
-            crops_for_assign=case.crops_for_assign,
-            feat_dim=case.feat_dim,
             queue_length=case.queue_length,
+            epoch_queue_starts=0,
+            batch_size=max(case.batch, 1),
+            feat_dim=case.feat_dim,
         )
     except (ValueError, TypeError) as error:
         assert raised_by_us(error), f"{case}: {type(error).__name__} from outside ignite_swav: {error}"
@@ -103,10 +102,9 @@ def run_case(case: Case) -> str:
         state = handler.state_dict()
         restored = SwAVQueueHandler(
             SwAVLoss(crops_for_assign=case.crops_for_assign),
-            batch_size=max(case.batch, 1),
-            crops_for_assign=case.crops_for_assign,
-            feat_dim=case.feat_dim,
             queue_length=case.queue_length,
+            batch_size=max(case.batch, 1),
+            feat_dim=case.feat_dim,
         )
         restored.load_state_dict(state)
         assert torch.equal(restored.queue, handler.queue), case

@@ -17,7 +17,18 @@ from ignite_swav import SwAVLoss, SwAVQueueHandler, load_checkpoint_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
 
-TINY = ["--num-workers", "0", "--batch-size", "16", "--max-iters-per-epoch", "2", "--queue-length", "32"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "16",
+    "--max-iters-per-epoch",
+    "2",
+    "--queue-length",
+    "32",
+]
 TINY += ["--epoch-queue-starts", "0", "--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32"]
 TINY += ["--eval-every", "100"]
 
@@ -103,10 +114,25 @@ def test_resume_from_a_bad_file_is_refused_and_nothing_is_touched(kind, good_run
     assert _snapshot(output) == before  # no checkpoint, result or plot was written or removed
 
 
-def test_a_missing_file_or_a_directory_is_named(tmp_path, capsys):
-    for path in (tmp_path / "nope.pt", tmp_path):
+def test_a_missing_file_a_directory_a_fifo_or_a_link_loop_is_named(tmp_path, capsys):
+    fifo, loop = tmp_path / "fifo", tmp_path / "loop"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    cases = {
+        tmp_path / "nope.pt": "does not exist",
+        tmp_path: "is not a file",
+        fifo: "is not a file",
+        loop: "is not a file",
+    }
+    for path, message in cases.items():
         assert train_swav.main([*TINY, "--output-dir", str(tmp_path / "o"), "--resume-from", str(path)]) == 2
-        assert f"--resume-from '{path}' does not exist" in capsys.readouterr().err
+        assert f"--resume-from '{path}' {message}" in capsys.readouterr().err
+    # the library's loader says which kind of thing it is
+    for path, message in ((tmp_path, "is a directory"), (fifo, "not a regular file"), (loop, "loop of links")):
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint_file(path)
+    with pytest.raises(TypeError, match="path must be a str or a pathlib.Path"):
+        load_checkpoint_file(None)
 
 
 def test_a_refused_queue_state_leaves_the_handler_queue_as_it_was():
@@ -134,3 +160,18 @@ def test_load_checkpoint_file_never_runs_the_code_of_a_hostile_file(tmp_path):
         with pytest.raises(ValueError, match="refers to 'posix.mkdir'.*refused without running any of its code"):
             load_checkpoint_file(tmp_path / name)
     assert not marker.exists()
+
+
+def test_a_hostile_pickle_of_another_protocol_is_refused_naming_the_callable(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "protocol4.pt"
+    torch.save({"model": RunsCode(marker)}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(ValueError, match="refers to 'posix.mkdir'.*refused without running any of its code"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_a_queue_dirname_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="dirname='.*file' is a file, not a directory"):
+        SwAVQueueHandler(SwAVLoss(), queue_length=8, dirname=tmp_path / "file")

@@ -12,7 +12,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
 
-TINY = ["--num-workers", "0", "--batch-size", "16", "--max-iters-per-epoch", "2", "--queue-length", "0"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "16",
+    "--max-iters-per-epoch",
+    "2",
+    "--queue-length",
+    "0",
+]
 TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
 
 
@@ -42,26 +53,64 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
         assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
         first.stderr.close()
     # only the first run's checkpoints, results and plot; the lock is gone
-    names = sorted(p.name for p in output.iterdir())
+    names = sorted(p.name for p in output.iterdir() if p.is_file())
     assert names == ["history.png", "results.json", "swav_checkpoint_4.pt", "swav_checkpoint_6.pt"]
 
 
-def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path, caplog):
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path: Path, capsys):
     output = tmp_path / "run"
     output.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (output / train_swav.LOCK_NAME).write_text(f"{dead.pid}\n{os.uname().nodename}\n")
     assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 0
-    assert f"process {dead.pid} that held it is not running" in caplog.text
+    assert f"process {dead.pid} that held it is not running" in capsys.readouterr().out
     assert not (output / train_swav.LOCK_NAME).exists()
 
 
-def test_a_lock_of_another_host_or_an_unreadable_one_is_refused(tmp_path: Path, capsys):
+def test_a_lock_of_another_host_is_refused_and_an_unreadable_free_one_taken(tmp_path: Path, capsys):
     output = tmp_path / "run"
     output.mkdir()
-    for content in (f"{os.getpid()}\nsome-other-node\n", "garbage"):
-        (output / train_swav.LOCK_NAME).write_text(content)
-        assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 2
-        assert "is in use by another run" in capsys.readouterr().err
+    (output / train_swav.LOCK_NAME).write_text(f"{os.getpid()}\nsome-other-node\n")
+    assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 2
+    assert "is in use by another run on another host (process" in capsys.readouterr().err
     assert sorted(p.name for p in output.iterdir()) == [train_swav.LOCK_NAME]
+    # garbage that no process holds (the system lock is free): a stale file, taken over
+    (output / train_swav.LOCK_NAME).write_text("garbage")
+    assert train_swav.main([*TINY, "--epochs", "1", "--output-dir", str(output)]) == 0
+
+
+def _race_for_the_lock(output: str, holders: str, start_at: float) -> int:
+    """Wait for the start signal, then try to take the lock; while holding it, claim the holders file
+    exclusively. Returns 1 if this process held the lock, 0 if refused, -1 if it found another holder inside."""
+    while time.time() < start_at:
+        pass
+    try:
+        with train_swav.output_dir_lock(Path(output)):
+            try:
+                descriptor = os.open(holders, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return -1
+            time.sleep(0.05)
+            os.close(descriptor)
+            os.unlink(holders)
+            return 1
+    except train_swav.ExampleError:
+        return 0
+
+
+def test_starts_racing_for_a_stale_lock_never_hold_it_together(tmp_path: Path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(10):
+        output = tmp_path / f"race{trial}"
+        output.mkdir()
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (output / train_swav.LOCK_NAME).write_text(f"{dead.pid}\n{os.uname().nodename}\n")  # stale
+        start_at = time.time() + 0.3
+        with context.Pool(6) as pool:
+            outcomes = pool.starmap(_race_for_the_lock, [(str(output), str(tmp_path / f"h{trial}"), start_at)] * 6)
+        assert -1 not in outcomes, f"two starts held the lock at once (trial {trial}: {outcomes})"
+        assert outcomes.count(1) >= 1

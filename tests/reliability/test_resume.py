@@ -84,7 +84,18 @@ def test_resumed_mid_epoch_the_queue_is_as_saved_and_the_trainer_at_the_saved_it
         assert trainer.state.iteration == 4 * ITERATIONS_PER_EPOCH
 
 
-TINY = ["--num-workers", "0", "--batch-size", "16", "--max-iters-per-epoch", "2", "--queue-length", "32"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "16",
+    "--max-iters-per-epoch",
+    "2",
+    "--queue-length",
+    "32",
+]
 TINY += ["--epoch-queue-starts", "0", "--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32"]
 TINY += ["--freeze-prototypes-iters", "1", "--eval-every", "100"]
 

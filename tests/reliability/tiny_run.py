@@ -46,14 +46,14 @@ def build(seed: int = 0, epoch_queue_starts: int = 1) -> tuple[Engine, dict[str,
         size_crops=(16, 8), num_crops=(2, 2), min_scale_crops=(0.5, 0.2), max_scale_crops=(1, 0.5)
     )
 
-    def output(crops, embeddings, scores, loss):
+    def output(x, y, y_pred, loss):
         return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
 
     trainer = create_swav_trainer(
-        model, loss_fn, optimizer, freeze_prototypes_iters=2, augment=augment, output_transform=output
+        model, optimizer, loss_fn, output_transform=output, freeze_prototypes_iters=2, augment=augment
     )
     handler = SwAVQueueHandler(
-        loss_fn, batch_size=BATCH, epoch_queue_starts=epoch_queue_starts, feat_dim=8, queue_length=QUEUE_LENGTH
+        loss_fn, queue_length=QUEUE_LENGTH, epoch_queue_starts=epoch_queue_starts, batch_size=BATCH, feat_dim=8
     )
     handler.attach(trainer)
     to_save = {

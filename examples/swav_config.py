@@ -1,0 +1,402 @@
+"""The command line of ``train_swav.py``: its flags, the settings of each data set, the published SwAV recipes,
+and the checks that turn a bad value into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("mnist5k", "digits", "cifar10", "stl10", "imagefolder")
+ARCHS = ("small_resnet", "resnet18", "resnet50")
+
+
+class ExampleError(Exception):
+    """A problem with the command line, the data or a checkpoint, reported as one clear line."""
+
+
+# The settings every run has, unless its data set or recipe says otherwise.
+COMMON: dict[str, Any] = {
+    "arch": "resnet18",
+    "small_stem": False,
+    "temperature": 0.1,
+    "epsilon": 0.05,
+    "sinkhorn_iterations": 3,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "warmup_epochs": 0,
+    "warmup_start_lr": 0.0,
+    "final_lr": None,  # None: lr / 1000, the ratio of every published recipe
+    "freeze_prototypes_epochs": None,
+    "sync_bn": True,  # applies only to several CUDA processes (torch has no SyncBatchNorm on the CPU)
+    "amp": False,
+    "num_workers": 4,
+    "gpu_augment": False,
+    "knn_k": 20,
+    "eval_every": 1,
+    "expected_world_size": None,
+}
+
+# The SwAV recipe on real data sets (per-process batch, global queue) and what differs per data set.
+_REAL_DATA: dict[str, Any] = {
+    "epochs": 200,
+    "batch_size": 256,
+    "lr": 0.6,
+    "weight_decay": 1e-6,
+    "warmup_epochs": 10,
+    "num_prototypes": 3000,
+    "feat_dim": 128,
+    "hidden_dim": 2048,
+    "queue_length": 3840,
+    "epoch_queue_starts": 15,
+    "freeze_prototypes_iters": 313,
+}
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist5k": {
+        "arch": "small_resnet",
+        "small_stem": True,
+        "epochs": 50,
+        "batch_size": 64,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 2,
+        "epsilon": 0.03,
+        "num_prototypes": 100,
+        "feat_dim": 64,
+        "hidden_dim": 512,
+        "queue_length": 0,
+        "epoch_queue_starts": 3,
+        "freeze_prototypes_iters": 50,
+        "eval_size": 28,
+        "num_workers": 1,
+        "gpu_augment": True,
+    },
+    "digits": {
+        "epochs": 42,
+        "batch_size": 64,
+        "lr": 0.03,
+        "epsilon": 0.025,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 2,
+        "num_prototypes": 64,
+        "feat_dim": 64,
+        "hidden_dim": 512,
+        "queue_length": 256,
+        "epoch_queue_starts": 3,
+        "freeze_prototypes_iters": 20,
+        "eval_size": 32,
+        "num_workers": 1,
+        "gpu_augment": True,
+    },
+    "cifar10": _REAL_DATA | {"num_prototypes": 1000, "small_stem": True, "eval_size": 32},
+    "stl10": _REAL_DATA | {"eval_size": 96},
+    "imagefolder": _REAL_DATA
+    | {"epochs": 100, "batch_size": 64, "freeze_prototypes_iters": 5005, "eval_size": 224, "num_workers": 8},
+}
+
+# The published recipes of facebookresearch/swav (scripts/*.sh): ResNet-50 on ImageNet with SGD wrapped in
+# LARC, mixed precision and synchronised batch norm. The global batch is batch_size x the processes the
+# script runs on (expected_world_size); lr is not rescaled for another number of processes.
+_IMAGENET_RECIPE: dict[str, Any] = {
+    "dataset": "imagefolder",
+    "arch": "resnet50",
+    "small_stem": False,
+    "size_crops": [224, 96],
+    "num_crops": [2, 6],
+    "min_scale_crops": [0.14, 0.05],
+    "max_scale_crops": [1.0, 0.14],
+    "temperature": 0.1,
+    "epsilon": 0.05,
+    "sinkhorn_iterations": 3,
+    "feat_dim": 128,
+    "hidden_dim": 2048,
+    "num_prototypes": 3000,
+    "batch_size": 64,
+    "weight_decay": 1e-6,
+    "optimizer": "lars",
+    "momentum": 0.9,
+    "sync_bn": True,
+    "amp": True,
+    "eval_size": 224,
+}
+_BATCH_4096 = _IMAGENET_RECIPE | {
+    "expected_world_size": 64,
+    "queue_length": 0,
+    "epoch_queue_starts": 15,
+    "lr": 4.8,
+    "final_lr": 0.0048,
+    "warmup_epochs": 10,
+    "warmup_start_lr": 0.3,
+    "freeze_prototypes_iters": 313,
+}
+_BATCH_256 = _IMAGENET_RECIPE | {
+    "expected_world_size": 4,
+    "queue_length": 3840,
+    "epoch_queue_starts": 15,
+    "lr": 0.6,
+    "final_lr": 0.0006,
+    "warmup_epochs": 0,
+    "warmup_start_lr": 0.0,
+    "freeze_prototypes_iters": 5005,
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "swav_100ep": _BATCH_4096 | {"epochs": 100},
+    "swav_200ep": _BATCH_4096 | {"epochs": 200},
+    "swav_400ep": _BATCH_4096 | {"epochs": 400},
+    "swav_800ep": _BATCH_4096 | {"epochs": 800},
+    "swav_200ep_bs256": _BATCH_256 | {"epochs": 200},
+    "swav_400ep_bs256": _BATCH_256 | {"epochs": 400},
+}
+
+# Printed by --print-config, in this order.
+CONFIG_KEYS = (
+    "recipe",
+    "dataset",
+    "arch",
+    "small_stem",
+    "epochs",
+    "batch_size",
+    "expected_world_size",
+    "lr",
+    "final_lr",
+    "warmup_epochs",
+    "warmup_start_lr",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "sync_bn",
+    "amp",
+    "num_prototypes",
+    "feat_dim",
+    "hidden_dim",
+    "queue_length",
+    "epoch_queue_starts",
+    "freeze_prototypes_iters",
+    "freeze_prototypes_epochs",
+    "temperature",
+    "epsilon",
+    "sinkhorn_iterations",
+    "size_crops",
+    "num_crops",
+    "min_scale_crops",
+    "max_scale_crops",
+    "eval_size",
+    "knn_k",
+    "eval_every",
+    "gpu_augment",
+    "num_workers",
+    "seed",
+)
+
+
+# What a flag's default means where it is not a value of its own.
+_DEFAULT_TEXT = {"dataset": "mnist5k", "final_lr": "lr / 1000", "freeze_prototypes_epochs": "not set"}
+
+
+def _default_help(key: str) -> str:
+    """The real default of a flag: one value, or its value per data set where they differ; and under --recipe."""
+    values: dict[str, Any] = {}
+    for name in DATASETS:
+        if key in CROP_KEYS:
+            values[name] = list(getattr(crop_preset(name), key))
+        else:
+            values[name] = (COMMON | DATASET_DEFAULTS[name]).get(key)
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(json.dumps(value), []).append(name)
+    if len(groups) == 1:
+        value = next(iter(values.values()))
+        text = _DEFAULT_TEXT.get(key, "none") if value is None else f"{value}"
+    else:
+        text = ", ".join(f"{'/'.join(names)}: {json.loads(v)}" for v, names in groups.items())
+    recipe_values = {json.dumps(recipe.get(key, COMMON.get(key))) for recipe in RECIPES.values()}
+    if any(key in recipe for recipe in RECIPES.values()):
+        single = str(json.loads(recipe_values.pop())) if len(recipe_values) == 1 else "the value of its script"
+        text += f"; --recipe: {single}"
+    return f"(default: {text})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_swav.py",
+        description="Pretrain SwAV with ignite-swav and report k-NN top-1 (pretrained, random init, raw pixels). "
+        "Settings come from the command line, then --recipe, then the data set's defaults shown here.",
+    )
+    add = parser.add_argument
+
+    def setting(flag: str, help_text: str, **kwargs: Any) -> None:
+        key = flag.lstrip("-").replace("-", "_")
+        add(flag, default=None, help=f"{help_text} {_default_help(key)}", **kwargs)
+
+    add("--recipe", choices=sorted(RECIPES), default=None, help="a published SwAV recipe (ResNet-50, ImageNet)")
+    add("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+    setting("--dataset", "data set to pretrain on; mnist5k and digits ship inside Python packages", choices=DATASETS)
+    add("--data-dir", type=Path, default=Path("data"), help="where a real data set lies (default: data)")
+    add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
+    add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results (default: runs/swav)")
+    add("--resume-from", type=Path, default=None, help="checkpoint of this script to continue from, up to --epochs")
+    setting("--epochs", "total epochs", type=int)
+    setting("--batch-size", "batch size per process", type=int)
+    setting("--lr", "peak learning rate", type=float)
+    setting("--final-lr", "learning rate at the end of the cosine decay; none: lr / 1000", type=float)
+    setting("--warmup-epochs", "epochs of linear warm-up (set every iteration) before the cosine decay", type=int)
+    setting("--warmup-start-lr", "learning rate at the start of the warm-up", type=float)
+    setting("--weight-decay", "weight decay", type=float)
+    setting(
+        "--optimizer", "SGD with momentum, or LARS (timm.optim.Lars as the reference's LARC)", choices=("sgd", "lars")
+    )
+    setting("--momentum", "momentum of SGD / LARS", type=float)
+    setting("--arch", "backbone", choices=ARCHS)
+    setting("--small-stem", "3x3 stem without max-pool, for small images", action=argparse.BooleanOptionalAction)
+    setting("--num-prototypes", "number of prototypes", type=int)
+    setting("--feat-dim", "width of the embeddings", type=int)
+    setting("--hidden-dim", "hidden width of the projection head (0: a single linear layer)", type=int)
+    setting("--queue-length", "global queue length over all processes, 0 for none", type=int)
+    setting("--epoch-queue-starts", "epochs trained before the queue is created", type=int)
+    setting("--freeze-prototypes-iters", "first iterations whose steps leave the prototypes as they are", type=int)
+    setting(
+        "--freeze-prototypes-epochs",
+        "the same in epochs (the reference freezes one ImageNet epoch); replaces --freeze-prototypes-iters",
+        type=float,
+    )
+    setting("--temperature", "softmax temperature of the loss", type=float)
+    setting("--epsilon", "Sinkhorn regularisation", type=float)
+    setting("--sinkhorn-iterations", "Sinkhorn-Knopp iterations", type=int)
+    setting("--size-crops", "crop sizes in pixels, large first", type=int, nargs="+")
+    setting("--num-crops", "crops of each size", type=int, nargs="+")
+    setting("--min-scale-crops", "smallest area of each crop size, as a fraction of the image", type=float, nargs="+")
+    setting("--max-scale-crops", "largest area of each crop size, as a fraction of the image", type=float, nargs="+")
+    setting("--sync-bn", "SyncBatchNorm on several CUDA processes", action=argparse.BooleanOptionalAction)
+    setting(
+        "--amp",
+        "mixed precision: bfloat16 on the CPU, float16 with a GradScaler on CUDA",
+        action=argparse.BooleanOptionalAction,
+    )
+    setting(
+        "--gpu-augment",
+        "multi-crop whole batches on the training device (BatchedMultiCrop); the DataLoader only loads images",
+        action=argparse.BooleanOptionalAction,
+    )
+    setting("--num-workers", "DataLoader worker processes per training process", type=int)
+    setting("--eval-size", "image size of the k-NN probe", type=int)
+    setting("--knn-k", "neighbours of the k-NN probe", type=int)
+    setting("--eval-every", "run the k-NN probe every N epochs (and after the last)", type=int)
+    add("--expected-world-size", type=int, default=None, help=argparse.SUPPRESS)
+    add("--compile", action="store_true", help="torch.compile the model (slow first steps; for GPUs)")
+    add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")
+    add("--backend", choices=("gloo", "nccl"), default=None, help="distributed backend (default: none, 1 process)")
+    add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
+    add("--max-iters-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # for quick tests
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings of the run: the command line, then --recipe, then the data set's defaults; checked."""
+    args = build_parser().parse_args(argv)
+    given = {key for key, value in vars(args).items() if value is not None}
+    recipe = RECIPES[args.recipe] if args.recipe else {}
+    if args.dataset is None:
+        args.dataset = recipe.get("dataset", "mnist5k")
+    for source in (recipe, DATASET_DEFAULTS[args.dataset], COMMON):
+        for key, value in source.items():
+            if getattr(args, key, None) is None and key not in given:
+                setattr(args, key, value)
+    if args.final_lr is None:
+        args.final_lr = args.lr / 1000
+    if args.freeze_prototypes_epochs is not None and "freeze_prototypes_iters" in given:
+        raise ExampleError("give --freeze-prototypes-iters or --freeze-prototypes-epochs, not both")
+    preset = crop_preset(args.dataset)
+    for key in CROP_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, list(getattr(preset, key)))
+    check_args(args)
+    return args
+
+
+CROP_KEYS = ("size_crops", "num_crops", "min_scale_crops", "max_scale_crops")
+
+
+def crop_preset(dataset: str, **overrides: Any) -> Any:
+    """The multi-crop augmentation of ``dataset`` (a ``MultiCropTransform``), with ``overrides``."""
+    from ignite_swav import MultiCropTransform
+
+    if dataset == "mnist5k":
+        return MultiCropTransform.for_mnist(**overrides)
+    if dataset == "digits":
+        return MultiCropTransform.for_digits(**overrides)
+    if dataset == "cifar10":
+        return MultiCropTransform.for_cifar(**overrides)
+    if dataset == "stl10":
+        stl = {"size_crops": (96, 48), "num_crops": (2, 4), "min_scale_crops": (0.14, 0.05)}
+        return MultiCropTransform(**(stl | {"max_scale_crops": (1.0, 0.14)} | overrides))
+    return MultiCropTransform(**overrides)
+
+
+def _positive_int(args: argparse.Namespace, key: str, minimum: int = 1, maximum: int | None = None) -> None:
+    value = getattr(args, key)
+    flag = "--" + key.replace("_", "-")
+    if value < minimum:
+        raise ExampleError(f"{flag} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ExampleError(f"{flag} must be <= {maximum}, got {value}")
+
+
+def _finite(args: argparse.Namespace, key: str, low: float, *, strict: bool) -> None:
+    value = getattr(args, key)
+    flag = "--" + key.replace("_", "-")
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        relation = ">" if strict else ">="
+        raise ExampleError(f"{flag} must be a finite number {relation} {low}, got {value}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that could only fail later, inside training, or train nonsense."""
+    for key in ("epochs", "batch_size", "num_prototypes", "feat_dim", "knn_k", "eval_every", "eval_size"):
+        _positive_int(args, key, 1)
+    # sizes beyond these are typing mistakes that would exhaust memory before any message
+    _positive_int(args, "num_prototypes", 1, 1_000_000)
+    _positive_int(args, "feat_dim", 1, 65_536)
+    _positive_int(args, "batch_size", 1, 1_000_000)
+    _positive_int(args, "eval_size", 1, 4096)
+    _positive_int(args, "hidden_dim", 0, 65_536)
+    _positive_int(args, "queue_length", 0, 10_000_000)
+    _positive_int(args, "sinkhorn_iterations", 1, 1000)
+    for key in ("epoch_queue_starts", "freeze_prototypes_iters", "num_workers", "warmup_epochs", "seed"):
+        _positive_int(args, key, 0)
+    for key in ("lr", "temperature", "epsilon"):
+        _finite(args, key, 0.0, strict=True)
+    for key in ("final_lr", "warmup_start_lr", "weight_decay", "momentum"):
+        _finite(args, key, 0.0, strict=False)
+    if args.freeze_prototypes_epochs is not None:
+        _finite(args, "freeze_prototypes_epochs", 0.0, strict=False)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise ExampleError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.max_iters_per_epoch is not None and args.max_iters_per_epoch < 1:
+        raise ExampleError(f"--max-iters-per-epoch must be >= 1, got {args.max_iters_per_epoch}")
+    try:
+        crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
+    except ValueError as error:
+        raise ExampleError(f"crop settings (--size-crops, --num-crops, --min/max-scale-crops): {error}") from None
+    check_output_dir_path(args.output_dir)
+
+
+def check_output_dir_path(path: Path) -> None:
+    """Refuse an output directory that cannot hold the run's files, before any work is done."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is" if probe == path else f"lies under '{probe}', which is"
+        raise ExampleError(f"--output-dir '{path}' {where} a file, not a directory")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ExampleError(f"--output-dir '{path}' cannot be written (no write permission on '{probe}')")
+
+
+def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings --print-config prints: one JSON object, keys named like the flags."""
+    return {key: getattr(args, key, None) for key in CONFIG_KEYS}

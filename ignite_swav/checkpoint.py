@@ -1,0 +1,275 @@
+"""Loading checkpoints safely: verified files, and a resume that loads every object or none."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import math
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["load_checkpoint_file", "load_objects"]
+
+
+def _check_archive(path: Path) -> None:
+    # torch.load does not verify the CRC-32 that torch.save writes for every record of its zip archive, so a
+    # flipped byte in tensor data would load silently as a wrong weight; zipfile checks them all.
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load reports what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error})") from None
+    if damaged is not None:
+        raise ValueError(f"checkpoint file '{path}' is corrupted: the data of '{damaged}' does not match its checksum")
+
+
+_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode", "numpy.")
+
+
+def _referenced_callables(path: Path) -> list[str]:
+    """The callables the pickles of a checkpoint file refer to, read with ``pickletools`` (nothing is run), for
+    the message of a refused file whose pickle torch's weights-only reader could not even parse (protocol 4)."""
+    import io
+    import pickletools
+
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(member) if member else b""
+    stream, names = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        try:
+            for opcode, argument, _ in pickletools.genops(stream):
+                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    strings.append(argument)
+                elif opcode.name == "GLOBAL":
+                    names.append(str(argument).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+        except Exception:  # past the pickles: a legacy file's raw tensor data, or garbage
+            break
+    return names
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """Load a checkpoint file with ``torch.load(weights_only=True)``; never runs code stored in the file.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        FileNotFoundError: no file at ``path``.
+        ValueError: the path is not a regular file (a directory, a FIFO, a loop of links); the file is empty,
+            truncated or corrupted (the checksum of every record is verified), or holds objects other than
+            tensors, numbers, strings and containers of them (a pickle that would run code is refused, not
+            executed, and the refused callable is named).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from ignite_swav import load_checkpoint_file
+        >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pt"
+        >>> torch.save({"model": {"weight": torch.ones(2)}, "epoch": 3}, path)
+        >>> load_checkpoint_file(path)["epoch"]
+        3
+    """
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a pathlib.Path naming a checkpoint file, got {type(path).__name__}")
+    path = Path(path)
+    try:
+        exists, regular = path.exists(), path.is_file()
+    except OSError as error:  # a loop of symbolic links, a name too long
+        raise ValueError(f"checkpoint file '{path}' cannot be read ({error.strerror or error})") from None
+    if not exists:
+        if path.is_symlink():
+            raise ValueError(f"checkpoint file '{path}' is a symbolic link to nothing (or a loop of links)")
+        raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
+    if not regular:
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, a socket or a device)"
+        raise ValueError(f"checkpoint file '{path}' is {kind}: give the path of a checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint file '{path}' is empty (0 bytes): it was not written completely")
+    _check_archive(path)
+    try:
+        with warnings.catch_warnings():
+            # a pickle protocol other than torch's: refused below if it refers to anything but tensors
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise ValueError(
+            f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error.strerror or error})"
+        ) from None
+    except Exception as error:
+        message = str(error)
+        # torch's weights-only unpickler names the callable it refused: "GLOBAL module.name" or "global module.name"
+        refused = re.search(r"GLOBAL (\S+)|[Uu]nsupported global: (?:GLOBAL )?(\S+)", message)
+        name = (refused.group(1) or refused.group(2)).rstrip(".,") if refused else None
+        if isinstance(error, pickle.UnpicklingError) and not name:
+            unsafe = [n for n in _referenced_callables(path) if not n.startswith(_SAFE_PREFIXES)]
+            name = unsafe[0] if unsafe else None
+        if isinstance(error, pickle.UnpicklingError) and name and re.fullmatch(r"[\w.]+", name):
+            raise ValueError(
+                f"checkpoint file '{path}' refers to '{name}', which is not a tensor or a number: the "
+                "file was refused without running any of its code (only files of tensors and numbers, as ignite's "
+                "Checkpoint writes them, are accepted)"
+            ) from None
+        detail = message.splitlines()[0][:200] if message else "no detail"
+        raise ValueError(
+            f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({type(error).__name__}: {detail})"
+        ) from None
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+def _check_module_state(key: str, module: nn.Module, state: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint entry '{key}' must be a model state dict, got {type(state).__name__}")
+    expected = _unwrapped(module).state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint entry '{key}' holds another model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in expected.items():
+        value = state[name]
+        if not isinstance(value, Tensor) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"checkpoint entry '{key}': '{name}' is {shape}, the model has {tuple(tensor.shape)}")
+        if value.is_floating_point() != tensor.is_floating_point():
+            raise ValueError(f"checkpoint entry '{key}': '{name}' has dtype {value.dtype}, the model {tensor.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"checkpoint entry '{key}': '{name}' holds NaN or infinite values (a diverged run)")
+
+
+def _check_optimizer_state(key: str, optimizer: Optimizer, state: Any) -> None:
+    if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
+        raise ValueError(f"checkpoint entry '{key}' must be an optimizer state dict with 'state' and 'param_groups'")
+    groups, saved_groups = optimizer.param_groups, state["param_groups"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        raise ValueError(f"checkpoint entry '{key}' has another number of parameter groups than the optimizer")
+    shapes: dict[Any, tuple[int, ...]] = {}
+    for group, saved in zip(groups, saved_groups):
+        if not isinstance(saved, Mapping) or len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(f"checkpoint entry '{key}' has parameter groups of other sizes than the optimizer's")
+        for value in saved.values():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"checkpoint entry '{key}' holds a non-finite setting ({value})")
+        shapes.update({index: tuple(p.shape) for index, p in zip(saved["params"], group["params"])})
+    if not isinstance(state["state"], Mapping):
+        raise ValueError(f"checkpoint entry '{key}' has a 'state' that is not a mapping")
+    for index, buffers in state["state"].items():
+        if not isinstance(buffers, Mapping):
+            raise ValueError(f"checkpoint entry '{key}': the state of parameter {index} is not a mapping")
+        for name, value in buffers.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != shapes.get(index):
+                raise ValueError(
+                    f"checkpoint entry '{key}': '{name}' of parameter {index} is {tuple(value.shape)}, the parameter "
+                    f"{shapes.get(index)}"
+                )
+            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"checkpoint entry '{key}': '{name}' of parameter {index} holds NaN or infinities")
+
+
+def _check_engine_state(key: str, state: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint entry '{key}' must be an engine state dict, got {type(state).__name__}")
+    for name in ("epoch_length", "max_epochs", "iteration", "epoch"):
+        value = state.get(name)
+        if name in state and (isinstance(value, bool) or not isinstance(value, Integral) or value < 0):
+            if name == "epoch_length" and value is None:
+                continue
+            raise ValueError(f"checkpoint entry '{key}': '{name}' must be an integer >= 0, got {value!r}")
+    Engine(lambda engine, batch: None).load_state_dict(state)  # Ignite's own checks of required keys
+
+
+def load_objects(to_load: Mapping[str, Any], checkpoint: str | Path | Mapping[str, Any], **kwargs: Any) -> None:
+    """``Checkpoint.load_objects`` that loads every object or none: the file is verified
+    (:func:`load_checkpoint_file`), then every object's state is checked before any object is loaded.
+
+    Ignite's ``Checkpoint.load_objects`` loads the objects one by one, so a bad entry found late leaves the
+    earlier objects overwritten (a model restored, its optimizer not); and given a path, it loads the file with
+    ``torch.load``, which does not verify the checksums of the records (a flipped byte loads as a wrong weight).
+
+    Checked before loading: every key of ``to_load`` is in the checkpoint; models: the same keys, shapes and
+    kinds of dtype, finite weights; optimizers: the same parameter groups and buffer shapes, finite values;
+    engines: integer counters; objects with a ``validate_state_dict`` method (:class:`SwAVQueueHandler`): that
+    method; any other object: its ``load_state_dict`` on a copy.
+
+    Args:
+        to_load: the objects, as given to ``Checkpoint``.
+        checkpoint: a checkpoint file path, or its loaded contents.
+        kwargs: passed to ``Checkpoint.load_objects`` (such as ``strict``).
+
+    Raises:
+        ValueError: a key is missing or an entry is bad (the message names the key); nothing was loaded.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from ignite_swav import load_objects
+        >>> model = torch.nn.Linear(2, 2)
+        >>> path = Path(tempfile.mkdtemp()) / "checkpoint.pt"
+        >>> torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, path)
+        >>> load_objects({"model": model}, path)
+        >>> torch.save({"model": {"weight": torch.full((2, 2), float("nan")), "bias": torch.zeros(2)}}, path)
+        >>> load_objects({"model": model}, path)
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint entry 'model': 'weight' holds NaN or infinite values (a diverged run)
+    """
+    if not isinstance(to_load, Mapping):
+        raise TypeError(f"to_load must be a mapping of names to objects, got {type(to_load).__name__}")
+    state = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    if not isinstance(state, Mapping):
+        raise ValueError(f"the checkpoint must be a mapping of names to states, got {type(state).__name__}")
+    if len(to_load) == 1 and next(iter(to_load)) not in state:
+        state = {next(iter(to_load)): state}  # as Ignite: a file of one object holds its state directly
+    missing = [key for key in to_load if key not in state]
+    if missing:
+        raise ValueError(f"the checkpoint has no entry {missing} (it holds {sorted(state)[:10]})")
+    for key, obj in to_load.items():
+        entry = state[key]
+        if isinstance(obj, nn.Module):
+            _check_module_state(key, obj, entry)
+        elif isinstance(obj, Optimizer):
+            _check_optimizer_state(key, obj, entry)
+        elif isinstance(obj, Engine):
+            _check_engine_state(key, entry)
+        elif hasattr(obj, "validate_state_dict"):
+            try:
+                obj.validate_state_dict(entry)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"checkpoint entry '{key}': {error}") from None
+        elif hasattr(obj, "load_state_dict"):
+            try:
+                copy.deepcopy(obj).load_state_dict(entry)
+            except Exception as error:  # whatever the object raises, it means this entry cannot be used
+                detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                raise ValueError(f"checkpoint entry '{key}' cannot be loaded ({detail})") from None
+    Checkpoint.load_objects(to_load=to_load, checkpoint=dict(state), **kwargs)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` comes from a full disk (torch's writer reports it as an 'unexpected pos')."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(error, RuntimeError) and "unexpected pos" in str(error)

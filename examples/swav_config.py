@@ -335,7 +335,7 @@ def crop_preset(dataset: str, **overrides: Any) -> Any:
     return MultiCropTransform(**overrides)
 
 
-def _positive_int(args: argparse.Namespace, key: str, minimum: int = 1, maximum: int | None = None) -> None:
+def _int_in_range(args: argparse.Namespace, key: str, minimum: int, maximum: int | None) -> None:
     value = getattr(args, key)
     flag = "--" + key.replace("_", "-")
     if value < minimum:
@@ -352,30 +352,40 @@ def _finite(args: argparse.Namespace, key: str, low: float, *, strict: bool) -> 
         raise ExampleError(f"{flag} must be a finite number {relation} {low}, got {value}")
 
 
+# (smallest, largest) of every integer setting; the largest are typing mistakes that would exhaust memory before
+# any message
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "epochs": (1, None),
+    "batch_size": (1, 1_000_000),
+    "num_prototypes": (1, 1_000_000),
+    "feat_dim": (1, 65_536),
+    "hidden_dim": (0, 65_536),
+    "queue_length": (0, 10_000_000),
+    "sinkhorn_iterations": (1, 1000),
+    "knn_k": (1, None),
+    "eval_every": (1, None),
+    "eval_size": (1, 4096),
+    "epoch_queue_starts": (0, None),
+    "freeze_prototypes_iters": (0, None),
+    "num_workers": (0, None),
+    "warmup_epochs": (0, None),
+    "seed": (0, None),
+    "nproc_per_node": (1, None),
+    "max_iters_per_epoch": (1, None),
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that could only fail later, inside training, or train nonsense."""
-    for key in ("epochs", "batch_size", "num_prototypes", "feat_dim", "knn_k", "eval_every", "eval_size"):
-        _positive_int(args, key, 1)
-    # sizes beyond these are typing mistakes that would exhaust memory before any message
-    _positive_int(args, "num_prototypes", 1, 1_000_000)
-    _positive_int(args, "feat_dim", 1, 65_536)
-    _positive_int(args, "batch_size", 1, 1_000_000)
-    _positive_int(args, "eval_size", 1, 4096)
-    _positive_int(args, "hidden_dim", 0, 65_536)
-    _positive_int(args, "queue_length", 0, 10_000_000)
-    _positive_int(args, "sinkhorn_iterations", 1, 1000)
-    for key in ("epoch_queue_starts", "freeze_prototypes_iters", "num_workers", "warmup_epochs", "seed"):
-        _positive_int(args, key, 0)
+    for key, (minimum, maximum) in _INT_RANGES.items():
+        if getattr(args, key) is not None:
+            _int_in_range(args, key, minimum, maximum)
     for key in ("lr", "temperature", "epsilon"):
         _finite(args, key, 0.0, strict=True)
     for key in ("final_lr", "warmup_start_lr", "weight_decay", "momentum"):
         _finite(args, key, 0.0, strict=False)
     if args.freeze_prototypes_epochs is not None:
         _finite(args, "freeze_prototypes_epochs", 0.0, strict=False)
-    if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        raise ExampleError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
-    if args.max_iters_per_epoch is not None and args.max_iters_per_epoch < 1:
-        raise ExampleError(f"--max-iters-per-epoch must be >= 1, got {args.max_iters_per_epoch}")
     try:
         crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
     except ValueError as error:

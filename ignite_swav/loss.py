@@ -6,11 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from ignite import distributed as idist
 from torch import Tensor, nn
 
 from ignite_swav._validation import check_crops_for_assign, check_int, check_positive_float
-from ignite_swav.sinkhorn import non_finite_flags, non_finite_on_any_rank, sinkhorn_codes
+from ignite_swav.sinkhorn import non_finite_flags, non_finite_on_any_rank, sinkhorn_codes, values_by_rank
 
 __all__ = ["SwAVLoss"]
 
@@ -174,10 +173,7 @@ class SwAVLoss(nn.Module):
     def _check_same_shapes_on_every_rank(batch_size: int, feat_dim: int, num_prototypes: int) -> None:
         # Once, before the first collective of the Sinkhorn: ranks with other shapes would abort in it (gloo) or
         # hang, instead of saying what differs.
-        if idist.get_world_size() == 1:
-            return
-        shapes = idist.all_gather(torch.tensor([[batch_size, feat_dim, num_prototypes]], device=idist.device()))
-        shapes = [tuple(row) for row in shapes.view(-1, 3).tolist()]
+        shapes = values_by_rank([batch_size, feat_dim, num_prototypes])
         if len(set(shapes)) > 1:
             raise ValueError(
                 "the processes give the loss batches of other shapes (batch size, embedding width, prototypes by "

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from ignite_swav._validation import check_int, check_positive_float
+from ignite_swav.engine import _autocast_dtype, _device_type
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
@@ -55,12 +56,9 @@ def _extract(
 
 
 def _autocast(amp_mode: str | None, device: str | torch.device | None) -> tuple[str, torch.dtype | None]:
-    device_type = torch.device(device).type if device is not None else "cpu"
-    if amp_mode is None:
-        return device_type, None
-    if amp_mode != "amp":
-        raise ValueError(f"amp_mode must be None or 'amp' (torch.autocast), got {amp_mode!r}")
-    return device_type, torch.float16 if device_type == "cuda" else torch.bfloat16
+    # the trainer's choice and checks: bfloat16 on the CPU, float16 on CUDA
+    device_type = _device_type(device)
+    return device_type, _autocast_dtype(amp_mode, None, device_type)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import Tensor
 from ignite_swav._validation import check_int
 from ignite_swav.checkpoint import load_checkpoint_file
 from ignite_swav.loss import SwAVLoss
+from ignite_swav.sinkhorn import values_by_rank
 
 __all__ = ["SwAVQueueHandler"]
 
@@ -28,16 +29,14 @@ _FILE_PREFIX = "swav"
 _FILE_PATTERN = re.compile(rf"^{_FILE_PREFIX}_queue_(\d+)\.pt$")
 
 
-def _check_same_on_every_rank(name: str, value: int) -> int:
+def _check_same_on_every_rank(name: str, value: int) -> None:
     # Local queues of different lengths would make the gather of state_dict abort the process (gloo) or hang.
-    if idist.get_world_size() > 1:  # one process: nothing to compare, and no wait for the device
-        values = idist.all_gather(torch.tensor([value], device=idist.device())).tolist()
-        if len(set(values)) > 1:
-            raise ValueError(
-                f"the {name} differs between processes ({values}, by rank): every process needs the same {name} "
-                "for the queue to be split evenly"
-            )
-    return value
+    values = [row[0] for row in values_by_rank([value])]
+    if len(set(values)) > 1:
+        raise ValueError(
+            f"the {name} differs between processes ({values}, by rank): every process needs the same {name} "
+            "for the queue to be split evenly"
+        )
 
 
 class SwAVQueueHandler(Serializable):
@@ -230,7 +229,8 @@ class SwAVQueueHandler(Serializable):
                 f"pass feat_dim={feat_dim}, or leave it out to take it from the batch"
             )
         if self.batch_size is None:
-            self.batch_size = _check_same_on_every_rank("batch size", batch_size)
+            # the loss compared the batch sizes of all processes at its first call, before this one
+            self.batch_size = batch_size
             self.queue_length = self._global_queue_length() if self.queue is None else self.queue_length
         elif batch_size != self.batch_size:
             raise ValueError(
@@ -255,7 +255,6 @@ class SwAVQueueHandler(Serializable):
     def _create_queue_from_batch(self, batch_size: int, feat_dim: int, device: torch.device) -> Tensor | None:
         self._learn_or_check_shapes(batch_size, feat_dim)
         self._first_iteration_checked = True
-        self.queue_length = self._global_queue_length()
         if self.queue is None:
             self._create_queue(device)
         return self.queue

@@ -26,6 +26,14 @@ def non_finite_flags(tensors: list[Tensor]) -> Tensor:
     return idist.all_reduce(flags, op="MAX")
 
 
+def values_by_rank(values: list[int]) -> list[tuple[int, ...]]:
+    """``values`` of every rank, in rank order (one all_gather; on one process, no collective)."""
+    if idist.get_world_size() == 1:
+        return [tuple(values)]
+    gathered = idist.all_gather(torch.tensor([values], device=idist.device()))
+    return [tuple(row) for row in gathered.view(-1, len(values)).tolist()]
+
+
 def non_finite_on_any_rank(tensors: list[Tensor]) -> list[bool]:
     """For each tensor, whether it holds a NaN or an infinity on this rank or any other rank (see
     :func:`non_finite_flags`; this one waits for the answer)."""

@@ -34,3 +34,9 @@ def tiny_swav_model(feat_dim: int = 8, num_prototypes: int = 12, width: int = 16
 def random_crops(batch: int = 4, sizes=(16, 16, 8, 8, 8), seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, s, s, generator=g) for s in sizes]
+
+
+# The example on a few small batches of the small digits set, with a tiny model and the k-NN probe after the last
+# epoch only: the code paths of a run, not its figures. Each test file adds its iterations and queue.
+TINY_EXAMPLE_ARGS = ["--dataset", "digits", "--num-workers", "0", "--batch-size", "16", "--num-prototypes", "16"]
+TINY_EXAMPLE_ARGS += ["--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]

@@ -14,26 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import linear_eval  # noqa: E402
 import train_swav  # noqa: E402
+from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
 from ignite_swav import BatchedMultiCrop, collate_images  # noqa: E402
 
-# A few iterations of small batches on the small digits set: the code paths of a run, not its figures.
-TINY = [
-    "--dataset",
-    "digits",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "16",
-    "--max-iters-per-epoch",
-    "3",
-    "--queue-length",
-    "32",
-    "--epoch-queue-starts",
-    "0",
-]
-TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--freeze-prototypes-iters", "2"]
-TINY += ["--eval-every", "100"]  # the k-NN probe after the last epoch only
+TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "3", "--queue-length", "32", "--epoch-queue-starts", "0"]
+TINY += ["--freeze-prototypes-iters", "2"]
 
 
 def run(tmp_path: Path, *extra: str, out: str = "run") -> tuple[int, Path]:

@@ -11,26 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_EXAMPLE_ARGS
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, load_checkpoint_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "16",
-    "--max-iters-per-epoch",
-    "2",
-    "--queue-length",
-    "32",
-]
-TINY += ["--epoch-queue-starts", "0", "--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32"]
-TINY += ["--eval-every", "100"]
+TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "2", "--queue-length", "32", "--epoch-queue-starts", "0"]
 
 
 class RunsCode:

@@ -11,20 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
+from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "16",
-    "--max-iters-per-epoch",
-    "2",
-    "--queue-length",
-    "0",
-]
-TINY += ["--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
+TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "2", "--queue-length", "0"]
 
 
 def start_run(output: Path, epochs: int) -> subprocess.Popen:

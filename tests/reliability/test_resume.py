@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import TINY_EXAMPLE_ARGS
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 from tiny_run import ITERATIONS_PER_EPOCH, build, images
@@ -84,20 +85,8 @@ def test_resumed_mid_epoch_the_queue_is_as_saved_and_the_trainer_at_the_saved_it
         assert trainer.state.iteration == 4 * ITERATIONS_PER_EPOCH
 
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "16",
-    "--max-iters-per-epoch",
-    "2",
-    "--queue-length",
-    "32",
-]
-TINY += ["--epoch-queue-starts", "0", "--num-prototypes", "16", "--feat-dim", "16", "--hidden-dim", "32"]
-TINY += ["--freeze-prototypes-iters", "1", "--eval-every", "100"]
+TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "2", "--queue-length", "32", "--epoch-queue-starts", "0"]
+TINY += ["--freeze-prototypes-iters", "1"]
 
 
 def run_example(output: Path, *extra: str) -> tuple[int, str]:

@@ -24,6 +24,11 @@ from train_swav import SmallResNet  # noqa: E402
 from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes  # noqa: E402
 
 
+def small_resnet(widths: tuple[int, ...], pool_size: int = 2) -> tuple[torch.nn.Module, int]:
+    backbone = SmallResNet(widths, pool_size)
+    return backbone, backbone.out_features
+
+
 def resnet18_small_stem() -> tuple[torch.nn.Module, int]:
     from torchvision.models import resnet18
 
@@ -63,9 +68,11 @@ def main() -> None:
     print(f"crops {args.crops}, batch {args.batch_size}, median of {args.steps} steps; images per second")
     torch.manual_seed(0)
     candidates = {
-        "small_resnet 16-32-64-128 (the default)": lambda: (SmallResNet((16, 32, 64, 128)), 128),
-        "small_resnet 24-48-96-192": lambda: (SmallResNet((24, 48, 96, 192)), 192),
-        "small_resnet 32-64-128-256": lambda: (SmallResNet((32, 64, 128, 256)), 256),
+        "small_resnet 16-32-64-128 (the default)": lambda: small_resnet((16, 32, 64, 128)),
+        "small_resnet 16-32-64-128, global pool": lambda: small_resnet((16, 32, 64, 128), pool_size=1),
+        "small_resnet 16-32-64-256": lambda: small_resnet((16, 32, 64, 256)),
+        "small_resnet 24-48-96-192": lambda: small_resnet((24, 48, 96, 192)),
+        "small_resnet 32-64-128-256": lambda: small_resnet((32, 64, 128, 256)),
         "resnet18, 3x3 stem": resnet18_small_stem,
     }
     for name, build in candidates.items():

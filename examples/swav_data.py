@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from swav_config import CROP_KEYS, ExampleError, crop_preset
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from ignite_swav import MultiCropTransform
@@ -37,6 +37,11 @@ class ArrayImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def transformed(self) -> TensorDataset:
+        """Every image transformed once, as ``(images, labels)`` tensors: for a deterministic transform, so that
+        the k-NN probe of every epoch does not redo it (half its time on MNIST 5k: 2.5 s to 1.3 s a probe)."""
+        return TensorDataset(torch.stack([self.transform(image) for image in self.images]), self.labels)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.images[index]
@@ -116,8 +121,8 @@ def build_data(args: argparse.Namespace) -> DataBundle:
         train, heldout = stratified_split(labels, args.seed)
         return DataBundle(
             ArrayImages(images[train], labels[train], None if batched else multicrop),
-            ArrayImages(images[train], labels[train], evaluate),
-            ArrayImages(images[heldout], labels[heldout], evaluate),
+            ArrayImages(images[train], labels[train], evaluate).transformed(),
+            ArrayImages(images[heldout], labels[heldout], evaluate).transformed(),
             multicrop,
         )
     if args.dataset in ("cifar10", "stl10"):

@@ -40,7 +40,7 @@ from ignite.utils import manual_seed, setup_logger
 from swav_config import ExampleError, check_output_dir_path, parse_args, resolved_config
 from swav_data import DataBundle, build_data, require
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
 from ignite_swav import (
@@ -82,9 +82,14 @@ def setup_output() -> None:
 class SmallResNet(nn.Sequential):
     """A narrow ResNet for small images from torchvision's ``BasicBlock``: a 3x3 stem, then one residual block
     per stage of 16, 32, 64 and 128 channels (ResNet-18 has two blocks of 64 to 512 channels), so that a CPU
-    trains many more epochs in the same time (``benchmarks/arch.py`` measures it; figures in BENCHMARKS.md)."""
+    trains many more epochs in the same time (``benchmarks/arch.py`` measures it; figures in BENCHMARKS.md).
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+    The last map is averaged down to ``pool_size`` x ``pool_size``, not to one value per channel: a digit is
+    told apart by where its strokes are, which a global average throws away (2x2, 512 features: +0.7 to +1.0
+    k-NN points on MNIST 5k at the same speed; docs/main-job.md).
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), pool_size: int = 2) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -98,9 +103,9 @@ class SmallResNet(nn.Sequential):
                 downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride, bias=False), nn.BatchNorm2d(width))
             layers.append(BasicBlock(channels, width, stride, downsample))
             channels = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
         super().__init__(*layers)
-        self.out_features = channels
+        self.out_features = channels * pool_size**2
 
 
 def build_backbone(args: argparse.Namespace) -> tuple[nn.Module, int]:
@@ -347,7 +352,9 @@ def _shard(dataset: Dataset) -> Dataset:
 
 
 def _eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    return DataLoader(_shard(dataset), batch_size=256, shuffle=False, num_workers=args.num_workers)
+    # Tensors in memory need no worker: starting one would cost more than it saves.
+    workers = 0 if isinstance(dataset, TensorDataset) else args.num_workers
+    return DataLoader(_shard(dataset), batch_size=256, shuffle=False, num_workers=workers)
 
 
 def knn_top1(backbone: nn.Module, data: DataBundle, args: argparse.Namespace) -> float:

@@ -76,4 +76,5 @@ def test_augment_benchmark_with_training():
 def test_arch_benchmark_prints_a_rate_per_backbone():
     out = run_script("arch.py", "--batch-size", "4", "--steps", "1")
     rows = [line for line in out.splitlines() if "resnet" in line]
-    assert len(rows) == 4 and all(float(row.split()[-1]) > 0 for row in rows)
+    assert len(rows) == 6 and all(float(row.split()[-1]) > 0 for row in rows)
+    assert "global pool" in out  # the pooling the default replaced, measured beside it

@@ -347,7 +347,19 @@ def test_the_mnist5k_loader_reads_the_packaged_file_and_splits_it_by_seed():
     image, label = data.heldout[0]
     assert tuple(image.shape) == (3, 28, 28) and 0 <= label < 10
     other = train_swav.build_data(train_swav.parse_args(["--seed", "1", "--output-dir", "/tmp/unused"]))
-    assert not torch.equal(other.heldout.images, data.heldout.images)  # another seed, another split
+    assert not torch.equal(other.heldout.tensors[0], data.heldout.tensors[0])  # another seed, another split
+    # The probe's images are transformed once, to what the evaluation transform gives image by image.
+    evaluate = swav_data.eval_transform(28, data.multicrop)
+    _, heldout = swav_data.stratified_split(labels, 0)
+    assert torch.equal(data.heldout[7][0], evaluate(images[heldout[7]])) and data.heldout[7][1] == labels[heldout[7]]
+
+
+def test_the_small_resnet_keeps_a_2x2_map_of_its_last_stage():
+    images = torch.randn(3, 3, 28, 28)
+    backbone = train_swav.SmallResNet()
+    assert backbone(images).shape == (3, 512) and backbone.out_features == 512  # 128 channels x 2 x 2
+    flat = train_swav.SmallResNet((8, 16), pool_size=1)
+    assert flat(images).shape == (3, 16) and flat.out_features == 16
 
 
 def test_a_tiny_run_on_mnist5k(tmp_path: Path):

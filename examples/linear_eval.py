@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_swav  # noqa: E402
 from swav_data import DataBundle  # noqa: E402
 
-from ignite_swav import extract_features, load_checkpoint_file  # noqa: E402
+from ignite_swav import extract_features, load_checkpoint_file, load_objects  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,18 @@ def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not config or "model" not in checkpoint:
         raise train_swav.ExampleError(f"--checkpoint '{path}' is not a checkpoint written by train_swav.py")
     return checkpoint, config
+
+
+def load_model(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None:
+    """Load the checkpoint's weights into ``model`` (built from the checkpoint's settings); a model of another
+    shape (a checkpoint of an earlier version of train_swav.py) raises ExampleError."""
+    try:
+        load_objects({"model": model}, {"model": checkpoint["model"]})
+    except ValueError as error:
+        raise train_swav.ExampleError(
+            f"--checkpoint '{path}' holds a model that train_swav.py does not build from its settings any more "
+            f"(written by an earlier version?): {error}"
+        ) from None
 
 
 def train_linear(
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         data = train_swav.build_data(run_args)
         model = train_swav.build_model(run_args)
         random_backbone = train_swav.build_model(run_args).backbone
-        model.load_state_dict(checkpoint["model"])
+        load_model(model, checkpoint, args.checkpoint)
     except train_swav.ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

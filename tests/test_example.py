@@ -289,6 +289,19 @@ def test_linear_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path, cap
     assert "not a checkpoint written by train_swav.py" in capsys.readouterr().err
 
 
+def test_linear_eval_refuses_a_checkpoint_of_a_model_it_does_not_build(tmp_path: Path, capsys):
+    status, output = run(tmp_path, "--epochs", "1")
+    assert status == 0
+    checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
+    checkpoint["model"]["projection.layers.0.weight"] = torch.zeros(32, 128)  # as with the global pool of old
+    older = tmp_path / "older.pt"
+    torch.save(checkpoint, older)
+    assert linear_eval.main(["--checkpoint", str(older)]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: --checkpoint '{older}' holds a model that train_swav.py does not build")
+    assert "'projection.layers.0.weight' is (32, 128)" in last_line
+
+
 def test_killed_mid_run_the_newest_checkpoint_loads_and_the_run_finishes(tmp_path: Path):
     import signal
     import subprocess

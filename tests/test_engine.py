@@ -1,11 +1,12 @@
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import random_crops, tiny_swav_model
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_swav import (
@@ -31,12 +32,13 @@ def sgd(model, lr=0.1):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
 
-def trainer_with_queue(seed: int = 0):
-    """A trainer with a queue of 8 rows from the second epoch; returns it and its objects to checkpoint."""
+def trainer_with_queue(seed: int = 0, **trainer_kwargs: Any) -> tuple[Engine, dict]:
+    """A trainer (``create_swav_trainer``'s keyword arguments) with a queue of 8 rows from the second epoch;
+    returns it and its objects to checkpoint."""
     model = tiny_swav_model(seed=seed)
     loss_fn = SwAVLoss()
     optimizer = sgd(model)
-    trainer = create_swav_trainer(model, optimizer, loss_fn)
+    trainer = create_swav_trainer(model, optimizer, loss_fn, **trainer_kwargs)
     handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1, batch_size=4, feat_dim=8)
     handler.attach(trainer)
     return trainer, {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
@@ -249,14 +251,8 @@ def test_ignites_own_prepare_batch_and_output_tools_work_with_the_defaults(tmp_p
     from ignite.engine import _prepare_batch
     from ignite.metrics import RunningAverage
 
-    model = tiny_swav_model()
-    optimizer = sgd(model)
-    loss_fn = SwAVLoss()
-    trainer = create_swav_trainer(model, optimizer, loss_fn, prepare_batch=_prepare_batch)
-    handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1)
-    handler.attach(trainer)
+    trainer, to_save = trainer_with_queue(prepare_batch=_prepare_batch)
     RunningAverage(output_transform=lambda x: x).attach(trainer, "running_loss")
-    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
     common.setup_common_training_handlers(
         trainer, to_save=to_save, output_path=str(tmp_path), save_every_iters=4, with_pbars=False
     )
@@ -349,15 +345,10 @@ def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tm
     from ignite_swav import load_checkpoint_file
 
     def make():
-        model = tiny_swav_model()
-        optimizer = sgd(model)
-        loss_fn = SwAVLoss()
-        trainer = create_swav_trainer(model, optimizer, loss_fn, deterministic=True)
-        handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=1)
-        handler.attach(trainer)
+        trainer, to_save = trainer_with_queue(deterministic=True)
         losses = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
-        return trainer, {"model": model, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}, losses
+        return trainer, to_save, losses
 
     def shuffled_loader():
         crops = random_crops(16, sizes=(16, 16, 8, 8))

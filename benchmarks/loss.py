@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Time one forward+backward of the SwAV loss: ignite-swav's SwAVLoss against a loop written from the
 paper's formulas (matrix rescaled twice per Sinkhorn iteration) and, when installed, lightly's SwaVLoss
-(``pip install lightly --no-deps``). Interleaved, in one process, on the same inputs; prints medians.
+(``pip install lightly --no-deps``) and, with ``--against COMMIT``, ignite-swav as it was at that commit.
+Interleaved, in one process, on the same inputs; prints medians.
 
     python benchmarks/loss.py                      # the reference case: batch 64, 2+6 crops, K 3000, queue 3840
     python benchmarks/loss.py --grid               # batch {32, 64, 256} x queue {0, 3840, 16384} x K {512, 3000}
+    python benchmarks/loss.py --against dac2513    # beside the loss before the crops were batched (issue 22)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _machine import describe
+from _previous import load_package_at
 
 from ignite_swav import SwAVLoss
 
@@ -65,8 +68,8 @@ def lightly_loss() -> Callable | None:
     return run
 
 
-def ours() -> Callable:
-    loss = SwAVLoss(crops_for_assign=(0, 1), temperature=TEMPERATURE, epsilon=EPSILON, sinkhorn_iterations=ITERATIONS)
+def ours(loss_class: type = SwAVLoss) -> Callable:
+    loss = loss_class(crops_for_assign=(0, 1), temperature=TEMPERATURE, epsilon=EPSILON, sinkhorn_iterations=ITERATIONS)
 
     def run(scores, embeddings, prototypes, queue):
         # a full queue that is not modified between runs: SwAVLoss pushes the batch, so hand it a copy
@@ -121,8 +124,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--verbose", action="store_true", help="print the loss values too")
+    parser.add_argument("--against", metavar="COMMIT", help="also time SwAVLoss as it was at this git commit")
     args = parser.parse_args()
     candidates: dict[str, Callable] = {"ignite-swav": ours(), "paper loop": paper_loop}
+    if args.against:
+        candidates[f"@{args.against}"[:12]] = ours(load_package_at(args.against).SwAVLoss)
     lightly = lightly_loss()
     if lightly is not None:
         candidates["lightly"] = lightly

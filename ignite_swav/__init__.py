@@ -2,8 +2,10 @@
 
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
 from ignite_swav.checkpoint import load_checkpoint_file, load_objects
-from ignite_swav.engine import SwAVEvents, create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
-from ignite_swav.loss import SwAVLoss
+from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
+from ignite_swav.events import SwAVEvents
+from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
+from ignite_swav.loss import SwAVLoss, SwAVLossStep
 from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 from ignite_swav.queue import SwAVQueueHandler
@@ -14,11 +16,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchedMultiCrop",
+    "CollapseReport",
     "KNNAccuracy",
     "MultiCropSettings",
     "MultiCropTransform",
     "SwAVEvents",
+    "SwAVHealthMonitor",
     "SwAVLoss",
+    "SwAVLossStep",
     "SwAVModel",
     "SwAVProjectionHead",
     "SwAVPrototypes",
@@ -27,6 +32,7 @@ __all__ = [
     "collate_images",
     "create_knn_evaluator",
     "create_swav_trainer",
+    "diagnose",
     "extract_features",
     "load_checkpoint_file",
     "load_objects",

@@ -15,13 +15,15 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def check_positive_float(name: str, value: object) -> float:
-    """Return ``value`` as a float, or raise if it is not a finite number ``> 0``."""
+def check_positive_float(name: str, value: object, minimum: float = 0.0) -> float:
+    """Return ``value`` as a float, or raise if it is not a finite number ``> 0`` (and ``>= minimum``)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not (0.0 < value < float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be a positive finite number >= {minimum:g}, got {value:g}")
     return value
 
 

@@ -7,33 +7,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import DeterministicEngine, Engine, EventEnum, Events
+from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._validation import check_int
+from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
 
-__all__ = ["SwAVEvents", "create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
-
-
-class SwAVEvents(EventEnum):
-    """Events fired by :func:`create_swav_trainer`'s engine.
-
-    - ``QUEUE_FIRST_USED``: after the first iteration of a run whose codes used the queue.
-
-    Example:
-        >>> from ignite.engine import Engine
-        >>> from ignite_swav import SwAVEvents
-        >>> engine = Engine(lambda engine, batch: None)
-        >>> engine.register_events(*SwAVEvents)  # create_swav_trainer does this
-        >>> _ = engine.add_event_handler(SwAVEvents.QUEUE_FIRST_USED, lambda e: print("queue in use"))
-        >>> engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
-        queue in use
-    """
-
-    QUEUE_FIRST_USED = "queue_first_used"
+__all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
 
 
 class _WeightsOnlyDeterministicEngine(DeterministicEngine):

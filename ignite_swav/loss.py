@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from ignite import distributed as idist
 from torch import Tensor, nn
 
+from ignite_swav._distributed import any_flag_on_any_rank, non_finite_on_any_rank, values_by_rank
 from ignite_swav._validation import check_crops_for_assign, check_int, check_positive_float
-from ignite_swav.sinkhorn import non_finite_flags, non_finite_on_any_rank, sinkhorn_codes, values_by_rank
+from ignite_swav.sinkhorn import codes_from_rows, sinkhorn_method
 
-__all__ = ["SwAVLoss"]
+__all__ = ["SwAVLoss", "SwAVLossStep"]
+
+# Embeddings are unit vectors and prototypes unit rows, so scores are cosines in [-1, 1]: a bound known without
+# reading the device, from which the Sinkhorn's numerics are chosen. The tolerance covers the rounding of
+# bfloat16 / float16 autocast (about 0.4% at most) and nothing a real mistake gives (norms of 10 or 74).
+_UNIT_TOLERANCE = 0.02
+_MAX_ABS_SCORE = 1.0 + _UNIT_TOLERANCE
+# scores / temperature and scores / epsilon must stay finite in float32 (SwAV uses 0.1 and 0.05)
+_SMALLEST_DIVISOR = 1e-30
+
+
+class SwAVLossStep(NamedTuple):
+    """What one :class:`SwAVLoss` call computed, detached, on the device (nothing is read back): read by
+    :class:`~ignite_swav.SwAVHealthMonitor`."""
+
+    loss: Tensor  #: the scalar loss
+    codes: Tensor  #: ``(len(crops_for_assign), B, K)`` Sinkhorn codes of the assigned crops
+    scores: Tensor  #: ``(len(crops_for_assign), B, K)`` prototype scores of the assigned crops
 
 
 class SwAVLoss(nn.Module):
@@ -21,19 +41,26 @@ class SwAVLoss(nn.Module):
     (:func:`ignite_swav.sinkhorn`, over all ranks) of that crop's scores, joined by the scores of the queue's
     embeddings under the current prototypes once the queue is full. The loss is the mean over assigned crops of
     the mean over the other crops ``v`` of ``-mean_batch(sum_k q_i * log_softmax(scores_v / temperature))``.
-    Uniform scores give ``ln(K)``.
+    Uniform scores give ``ln(K)``. All crops are computed together: one log-softmax over all crops, the
+    assigned crops' Sinkhorn as one batched problem, one push into the queue.
 
-    The attributes ``queue`` (``(len(crops_for_assign), L, D)`` tensor, or ``None``) and ``use_queue`` are
-    managed by :class:`ignite_swav.SwAVQueueHandler`. In a step, the queue is read before the current batch's
-    assigned embeddings are pushed into it (newest rows first), so a batch is never in its own queue. The queue
-    counts as full, and ``use_queue`` switches on, when its last row is non-zero: it holds unit vectors, so a
-    zero row was never written.
+    The queue: the attributes ``queue`` (``(len(crops_for_assign), L, D)`` tensor, or ``None``) and
+    ``use_queue`` are managed by :class:`ignite_swav.SwAVQueueHandler`, which also sets ``queue_factory``
+    (called with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due before its shape
+    is known; it returns the new queue). In a step, the queue is read before the current batch's assigned
+    embeddings are pushed into it (newest rows first), so a batch is never in its own queue. The queue is
+    used once full, i.e. once its last row was written (rows are unit vectors, so a zero row was never
+    written): how full it is, is read from the tensor once when a new tensor is assigned to ``queue`` and
+    counted on the host afterwards, so that a step never waits for the device to know it.
 
-    Non-finite values (a diverged model) raise a ``ValueError`` naming the crop, on every rank at once, and are
-    never pushed into the queue. Finding them needs the device's answer, a host synchronisation that stalls a
-    GPU in the middle of the step; ``create_swav_trainer`` therefore calls the loss with ``check_finite=False``
-    and calls :meth:`raise_if_non_finite` after backward, before the optimizer step. The push is then
-    conditional on the device, so the queue is never written with a non-finite row either way.
+    Inputs are SwAV's: unit-norm embeddings and prototypes, so that scores are cosine similarities. Scores
+    beyond ``[-1, 1]`` (by more than autocast's rounding), assigned embeddings that are not unit vectors
+    (a head without L2 normalisation), prototypes that are not unit rows while the queue is used, and
+    non-finite values raise a ``ValueError`` naming the crop and the fix, on every rank at once; they are
+    never pushed into the queue. Finding them needs the device's answer, a host synchronisation that stalls
+    a GPU in the middle of the step; ``create_swav_trainer`` therefore calls the loss with
+    ``check_finite=False`` and calls :meth:`raise_if_non_finite` after backward, before the optimizer step.
+    The push is conditional on the device, so the queue is never written with a bad row either way.
 
     Args:
         crops_for_assign: indices of the crops whose codes are computed (SwAV: the two large crops).
@@ -50,8 +77,8 @@ class SwAVLoss(nn.Module):
         >>> embeddings = [F.normalize(torch.randn(8, 4), dim=1) for _ in range(3)]  # 3 crops of 8 images
         >>> scores = [z @ prototypes.t() for z in embeddings]
         >>> loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-        >>> loss.ndim
-        0
+        >>> loss.ndim, loss_fn.last_step.codes.shape
+        (0, torch.Size([2, 8, 10]))
     """
 
     def __init__(
@@ -63,17 +90,35 @@ class SwAVLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.crops_for_assign = check_crops_for_assign(crops_for_assign)
-        self.temperature = check_positive_float("temperature", temperature)
-        self.epsilon = check_positive_float("epsilon", epsilon)
+        self.temperature = check_positive_float("temperature", temperature, minimum=_SMALLEST_DIVISOR)
+        self.epsilon = check_positive_float("epsilon", epsilon, minimum=_SMALLEST_DIVISOR)
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
-        self.queue: Tensor | None = None
+        # chosen once from the bound on cosine scores: no step reads the scores' range from the device
+        self._sinkhorn_method = sinkhorn_method(2 * _MAX_ABS_SCORE / self.epsilon)
+        self._queue: Tensor | None = None
+        self._queue_rows_written: int | None = None  # None: not known yet, read from the tensor at its first use
         self.use_queue = False
-        self._pending_check: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
-        # (batch size, embedding width) of the last call, read by SwAVQueueHandler
+        #: called by the loss with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due
+        #: but its shape is not known yet; returns the queue (or ``None``). Set by ``SwAVQueueHandler``.
+        self.queue_factory: Callable[[int, int, torch.device], Tensor | None] | None = None
+        #: ``(batch size, embedding width)`` of the last call
         self.last_batch_shape: tuple[int, int] | None = None
-        # Set by SwAVQueueHandler when the queue is due but its shape is not known yet: called with the first
-        # batch's shape, before that batch is pushed.
-        self._queue_factory: Callable[[int, int, torch.device], Tensor | None] | None = None
+        #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call
+        self.last_step: SwAVLossStep | None = None
+        self._pending_check: tuple[Tensor, Tensor, Tensor, Tensor | None, int] | None = None
+        self._workspace_tensor: Tensor | None = None
+        self._constants_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def queue(self) -> Tensor | None:
+        """The queue, ``(len(crops_for_assign), L, D)``, or ``None``: assign a tensor to replace it."""
+        return self._queue
+
+    @queue.setter
+    def queue(self, value: Tensor | None) -> None:
+        if value is not self._queue:
+            self._queue = value
+            self._queue_rows_written = None
 
     def extra_repr(self) -> str:
         return (
@@ -90,95 +135,137 @@ class SwAVLoss(nn.Module):
             scores: one ``(B, K)`` tensor of prototype scores per crop.
             embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop, in the same order.
             prototypes: ``(K, D)`` prototype weight (L2-normalised rows).
-            check_finite: raise here on non-finite values. ``False`` leaves the check to a later
+            check_finite: raise here on bad values. ``False`` leaves the check to a later
                 :meth:`raise_if_non_finite` (at the latest, the next call does it), so that the device is not
-                waited for in the middle of the step; the queue is still pushed only when all is finite.
+                waited for in the middle of the step; the queue is still pushed only when all is valid.
 
         Returns:
             The scalar loss (float32).
         """
         self.raise_if_non_finite()
         batch_size = self._check_inputs(scores, embeddings, prototypes)
+        feat_dim = embeddings[0].shape[1]
         if self.last_batch_shape is None:
-            self._check_same_shapes_on_every_rank(batch_size, embeddings[0].shape[1], scores[0].shape[1])
-        self.last_batch_shape = (batch_size, embeddings[0].shape[1])
-        if self.queue is None and self._queue_factory is not None:
-            factory, self._queue_factory = self._queue_factory, None
-            self.queue = factory(batch_size, embeddings[0].shape[1], embeddings[0].device)
-        num_crops = len(scores)
-        assigned = list(self.crops_for_assign)
+            # once, before the first collective of the Sinkhorn: ranks with other shapes would abort in it (gloo)
+            # or hang, instead of saying what differs
+            shapes = values_by_rank([batch_size, feat_dim, scores[0].shape[1]])
+            if len(set(shapes)) > 1:
+                raise ValueError(
+                    "the processes give the loss batches of other shapes (batch size, embedding width, prototypes by "
+                    f"rank: {shapes}): every process needs the same batch size and the same model"
+                )
+        self.last_batch_shape = (batch_size, feat_dim)
+        if self._queue is None and self.queue_factory is not None:
+            factory, self.queue_factory = self.queue_factory, None
+            self.queue = factory(batch_size, feat_dim, embeddings[0].device)
+        queue = self._queue
+        num_crops, num_assigned = len(scores), len(self.crops_for_assign)
 
-        # Every crop's log-probabilities once, and their sum: the loss of assigned crop i is then
-        # -(q_i * (sum_v log_p_v - log_p_i)), the other crops' terms in one product.
-        log_probs = [F.log_softmax(s.float() / self.temperature, dim=1) for s in scores]
-        log_probs_sum = torch.stack(log_probs).sum(dim=0)
+        stacked_scores = torch.stack(list(scores))  # (V, B, K)
+        all_scores = stacked_scores.detach()
+        log_probs = F.log_softmax(stacked_scores.float().div(self.temperature), dim=2)
+        assigned, limits = self._constants(all_scores.device)
+        assigned_scores = all_scores.index_select(0, assigned)
 
-        loss = scores[0].new_zeros((), dtype=torch.float32)
-        for slot, crop in enumerate(assigned):
-            codes = self._codes(slot, scores[crop], prototypes)
-            cross_entropy = -(codes * (log_probs_sum - log_probs[crop])).sum(dim=1).mean()
-            loss = loss + cross_entropy / (num_crops - 1)
-        loss = loss / len(assigned)
+        # The queue's scores under the current prototypes, read before this step's push.
+        # The Sinkhorn's rows: the assigned crops' scores, then the queue's scores under the current prototypes,
+        # read before this step's push, computed straight into the workspace.
+        checked_prototypes = None
+        queue_length = 0
+        if queue is not None and self._queue_is_full(queue):
+            self.use_queue = True
+            checked_prototypes = prototypes.detach()
+            queue_length = queue.shape[1]
+        rows = self._workspace(num_assigned, batch_size + queue_length, scores[0].shape[1], all_scores.device)
+        rows[:, :batch_size] = assigned_scores
+        if checked_prototypes is not None:
+            dtype = rows.dtype
+            transposed = checked_prototypes.to(dtype).t().expand(num_assigned, -1, -1)
+            torch.bmm(queue.to(dtype), transposed, out=rows[:, batch_size:])
+        codes = codes_from_rows(rows, batch_size, self.sinkhorn_iterations, self.epsilon, self._sinkhorn_method)
+        # The loss of assigned crop i is -(q_i * sum over the other crops v of log_p_v): all crops' terms at once.
+        others = log_probs.sum(dim=0) - log_probs.index_select(0, assigned)
+        loss = (codes * others).sum().div(-(batch_size * (num_crops - 1) * num_assigned))
 
-        # One check of a scalar (and of the small embeddings to store), for every rank at once, before anything
-        # is pushed into the queue; the crops are looked at only when something is wrong.
-        assigned_embeddings = [embeddings[c].detach() for c in assigned]
-        flags = non_finite_flags([loss.detach(), *assigned_embeddings])
-        if self.queue is not None:
-            all_finite = flags.amax() == 0
-            for slot, crop_embeddings in enumerate(assigned_embeddings):
-                self._push(slot, crop_embeddings, batch_size, all_finite)
-        self._pending_check = (flags, [s.detach() for s in scores], [embeddings[c].detach() for c in assigned])
+        # Every check in one small tensor, for every rank at once, before anything is pushed into the queue; the
+        # crops are looked at only when something is wrong. NaN compares false, so it fails every check.
+        loss_value = loss.detach()
+        pushed_embeddings = torch.stack([embeddings[c] for c in self.crops_for_assign]).detach()
+        measured = [
+            loss_value * 0,  # NaN for a non-finite loss
+            torch.linalg.vector_norm(pushed_embeddings.float(), dim=2).sub_(1).abs_().amax(),
+            all_scores.abs().amax().float(),
+        ]
+        if checked_prototypes is not None:  # the prototypes score the queue: they must be unit rows too
+            measured.append(torch.linalg.vector_norm(checked_prototypes.float(), dim=1).sub_(1).abs_().amax())
+        flags = torch.stack(measured).le(limits[: len(measured)]).logical_not_()
+        if idist.get_world_size() > 1:
+            flags = any_flag_on_any_rank(flags.float())
+        if queue is not None:
+            self._push(queue, pushed_embeddings, flags.any().logical_not())
+        self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
+        pushed = 0 if queue is None else min(batch_size, queue.shape[1])
+        self._pending_check = (flags, all_scores, pushed_embeddings, checked_prototypes, pushed)
         if check_finite:
             self.raise_if_non_finite()
         return loss
 
     def raise_if_non_finite(self) -> None:
-        """Raise the ``ValueError`` of the last call if its loss or embeddings were not finite (on any rank).
+        """Raise the ``ValueError`` of the last call if its values were bad on any rank: not finite, scores
+        beyond ``[-1, 1]``, embeddings that are not unit vectors (or prototypes, while the queue is used).
 
         Waits for the device. Every rank must call it at the same point, as with any collective. Nothing to do
         after a call with ``check_finite=True``, which checked already.
         """
         if self._pending_check is None:
             return
-        flags, scores, assigned_embeddings = self._pending_check
+        flags, all_scores, pushed_embeddings, prototypes, pushed = self._pending_check
         self._pending_check = None
-        if any(f != 0 for f in flags.tolist()):
-            self._raise_non_finite(scores, assigned_embeddings)
+        if bool(flags.any()):
+            if self._queue_rows_written is not None:
+                self._queue_rows_written -= pushed  # the push was skipped on the device
+            self._raise_bad_values(all_scores, pushed_embeddings, prototypes)
 
-    @torch.no_grad()
-    def _codes(self, slot: int, scores: Tensor, prototypes: Tensor) -> Tensor:
-        queue_scores = None
-        queue = self.queue
-        if queue is not None:
-            if not self.use_queue and bool(queue[slot, -1].ne(0).any()):
-                self.use_queue = True
-            if self.use_queue:
-                # Scores of the stored embeddings under the current prototypes, read before this step's push.
-                queue_scores = queue[slot] @ prototypes.detach().to(queue.dtype).t()
-        return sinkhorn_codes(scores, queue_scores, iterations=self.sinkhorn_iterations, epsilon=self.epsilon)
-
-    @torch.no_grad()
-    def _push(self, slot: int, embeddings: Tensor, batch_size: int, all_finite: Tensor) -> None:
-        # Newest rows first: the batch on top of the queue shifted down by the batch. Chosen on the device by
-        # ``all_finite`` (no host synchronisation), so a non-finite step leaves the queue as it was.
-        queue = self.queue
-        assert queue is not None
-        length = queue.shape[1]
-        pushed = min(batch_size, length)
-        updated = torch.cat([embeddings[:pushed].to(queue.dtype), queue[slot, : length - pushed]])
-        queue[slot] = torch.where(all_finite, updated, queue[slot])
-
-    @staticmethod
-    def _check_same_shapes_on_every_rank(batch_size: int, feat_dim: int, num_prototypes: int) -> None:
-        # Once, before the first collective of the Sinkhorn: ranks with other shapes would abort in it (gloo) or
-        # hang, instead of saying what differs.
-        shapes = values_by_rank([batch_size, feat_dim, num_prototypes])
-        if len(set(shapes)) > 1:
-            raise ValueError(
-                "the processes give the loss batches of other shapes (batch size, embedding width, prototypes by "
-                f"rank: {shapes}): every process needs the same batch size and the same model"
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The assigned crops' indices and the checks' limits on ``device``, made once (not at every step)."""
+        if device not in self._constants_cache:
+            self._constants_cache[device] = (
+                torch.tensor(self.crops_for_assign, device=device),
+                torch.tensor([0.0, _UNIT_TOLERANCE, _MAX_ABS_SCORE, _UNIT_TOLERANCE], device=device),
             )
+        return self._constants_cache[device]
+
+    def _workspace(self, problems: int, rows: int, num_prototypes: int, device: torch.device) -> Tensor:
+        """The Sinkhorn's ``(problems, rows, prototypes)`` matrix, kept from one call to the next (its shape is
+        fixed within a run): allocating a new one at every step costs the CPU half the loss's time."""
+        shape = (problems, rows, num_prototypes)
+        dtype = self._sinkhorn_method[1]
+        workspace = self._workspace_tensor
+        if workspace is None or workspace.shape != shape or workspace.device != device:
+            workspace = self._workspace_tensor = torch.empty(shape, dtype=dtype, device=device)
+        return workspace
+
+    def _queue_is_full(self, queue: Tensor) -> bool:
+        if self.use_queue:
+            return True
+        if self._queue_rows_written is None:
+            # One read per queue tensor (a new run, a restored checkpoint): rows are written from the top, so
+            # the written rows are the leading non-zero ones.
+            written = queue[0].ne(0).any(dim=1)
+            last_row_written, rows_written = torch.stack([written[-1], written.sum()]).tolist()
+            self._queue_rows_written = queue.shape[1] if last_row_written else rows_written
+        return self._queue_rows_written >= queue.shape[1]
+
+    @torch.no_grad()
+    def _push(self, queue: Tensor, embeddings: Tensor, valid: Tensor) -> None:
+        # Newest rows first: the batch on top of the queue shifted down by the batch. Chosen on the device by
+        # ``valid`` (no host synchronisation), so a bad step leaves the queue as it was.
+        length = queue.shape[1]
+        pushed = min(embeddings.shape[1], length)
+        updated = torch.cat([embeddings[:, :pushed].to(queue.dtype), queue[:, : length - pushed]], dim=1)
+        queue.copy_(torch.where(valid, updated, queue))
+        if self._queue_rows_written is not None:
+            self._queue_rows_written = min(length, self._queue_rows_written + pushed)
 
     def _check_inputs(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> int:
         for name, value in (("scores", scores), ("embeddings", embeddings)):
@@ -216,6 +303,8 @@ class SwAVLoss(nn.Module):
                     f"embeddings[{v}] has shape {tuple(z.shape)}, expected {(batch_size, feat_dim)} "
                     "(the batch size of the scores and the width of embeddings[0])"
                 )
+            if not s.is_floating_point() or not z.is_floating_point():
+                raise TypeError(f"scores[{v}] and embeddings[{v}] must be floating point, got {s.dtype}, {z.dtype}")
         if not isinstance(prototypes, Tensor) or prototypes.ndim != 2:
             raise ValueError(f"prototypes must be a (K, D) tensor, got {getattr(prototypes, 'shape', prototypes)}")
         if prototypes.shape[1] != feat_dim:
@@ -228,28 +317,61 @@ class SwAVLoss(nn.Module):
                 f"prototypes have {prototypes.shape[0]} rows, but the scores have {num_prototypes} columns: "
                 "one score per prototype is expected"
             )
-        if self.queue is not None:
+        if scores[0].device.type == "meta":
+            raise ValueError("scores are on the 'meta' device, which holds no values: the loss needs real tensors")
+        if self._queue is not None:
+            queue = self._queue
             expected = (len(self.crops_for_assign), feat_dim)
-            if self.queue.ndim != 3 or (self.queue.shape[0], self.queue.shape[2]) != expected:
+            if queue.ndim != 3 or (queue.shape[0], queue.shape[2]) != expected:
                 raise ValueError(
-                    f"queue has shape {tuple(self.queue.shape)}, expected ({expected[0]}, length, {expected[1]}) "
+                    f"queue has shape {tuple(queue.shape)}, expected ({expected[0]}, length, {expected[1]}) "
                     f"(one slot per assigned crop, rows as wide as the embeddings, which have width {feat_dim}): "
                     "a SwAVQueueHandler's feat_dim must be the width of the embeddings"
                 )
-            if self.queue.shape[1] == 0:
+            if queue.shape[1] == 0:
                 raise ValueError("queue has length 0: set queue to None to train without a queue")
+            if queue.device != embeddings[0].device:
+                raise ValueError(
+                    f"queue is on {queue.device}, the embeddings on {embeddings[0].device}: the queue must be on the "
+                    "training device (SwAVQueueHandler creates it on idist.device())"
+                )
         return batch_size
 
-    def _raise_non_finite(self, scores: list[Tensor], assigned_embeddings: list[Tensor]) -> None:
-        named = [(f"scores[{v}]", s) for v, s in enumerate(scores)]
-        named += [(f"embeddings[{c}]", z) for c, z in zip(self.crops_for_assign, assigned_embeddings)]
-        flags = non_finite_on_any_rank([t for _, t in named])
-        bad = [name for (name, _), flag in zip(named, flags) if flag]
-        where = (
-            f"in {', '.join(bad)}: the model's output diverged"
-            if bad
-            else "in the loss although the scores are finite: the scores are too large for the temperature"
-        )
-        raise ValueError(
-            f"non-finite values (NaN or inf) {where} (on this rank or another one); the queue was left unchanged"
-        )
+    def _raise_bad_values(self, all_scores: Tensor, embeddings: Tensor, prototypes: Tensor | None) -> None:
+        named = [(f"scores[{v}]", s) for v, s in enumerate(all_scores)]
+        named += [(f"embeddings[{c}]", z) for c, z in zip(self.crops_for_assign, embeddings)]
+        non_finite = non_finite_on_any_rank([t for _, t in named])
+        bad = [name for (name, _), flag in zip(named, non_finite) if flag]
+        if bad:
+            where = f"non-finite values (NaN or inf) in {', '.join(bad)}: the model's output diverged"
+        else:
+            where = self._out_of_range(all_scores, embeddings, prototypes)
+        raise ValueError(f"{where} (on this rank or another one); the queue was left unchanged")
+
+    def _out_of_range(self, all_scores: Tensor, embeddings: Tensor, prototypes: Tensor | None) -> str:
+        """The message for finite values outside SwAV's contract (read from the device: an error path)."""
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=2)
+        deviation = idist.all_reduce(norms.sub(1).abs().amax(dim=1), op="MAX")
+        for c, d, z_norms in zip(self.crops_for_assign, deviation.tolist(), norms):
+            if d > _UNIT_TOLERANCE:
+                return (
+                    f"embeddings[{c}] are not unit vectors (norms from {float(z_norms.min()):.3g} to "
+                    f"{float(z_norms.max()):.3g}): SwAV's embeddings must be L2-normalised, e.g. "
+                    "F.normalize(z, dim=1) at the end of the projection head (as SwAVProjectionHead does)"
+                )
+        largest = idist.all_reduce(all_scores.abs().flatten(1).amax(dim=1).float(), op="MAX")
+        for v, value in enumerate(largest.tolist()):
+            if value > _MAX_ABS_SCORE:
+                return (
+                    f"scores[{v}] reach {value:.3g} in magnitude, beyond the cosine range [-1, 1]: SwAV's scores must "
+                    "be unit embeddings times L2-normalised prototypes (create_swav_trainer normalises the "
+                    "prototype layer before every step; SwAVPrototypes.normalize_() does it by hand)"
+                )
+        if prototypes is not None:
+            norms = torch.linalg.vector_norm(prototypes.float(), dim=1)
+            return (
+                f"the prototypes are not unit rows (norms from {float(norms.min()):.3g} to {float(norms.max()):.3g}) "
+                "while they score the queue: normalise them before every step (create_swav_trainer does; "
+                "SwAVPrototypes.normalize_() by hand)"
+            )
+        return "non-finite values (NaN or inf) in the loss although the scores are finite: the temperature is too small"

@@ -17,26 +17,16 @@ from ignite.engine.events import CallableEventWithFilter
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import Tensor
 
+from ignite_swav._distributed import check_same_on_every_rank
 from ignite_swav._validation import check_int
 from ignite_swav.checkpoint import load_checkpoint_file
 from ignite_swav.loss import SwAVLoss
-from ignite_swav.sinkhorn import values_by_rank
 
 __all__ = ["SwAVQueueHandler"]
 
 _FORMAT_VERSION = 1
 _FILE_PREFIX = "swav"
 _FILE_PATTERN = re.compile(rf"^{_FILE_PREFIX}_queue_(\d+)\.pt$")
-
-
-def _check_same_on_every_rank(name: str, value: int) -> None:
-    # Local queues of different lengths would make the gather of state_dict abort the process (gloo) or hang.
-    values = [row[0] for row in values_by_rank([value])]
-    if len(set(values)) > 1:
-        raise ValueError(
-            f"the {name} differs between processes ({values}, by rank): every process needs the same {name} "
-            "for the queue to be split evenly"
-        )
 
 
 class SwAVQueueHandler(Serializable):
@@ -193,7 +183,12 @@ class SwAVQueueHandler(Serializable):
     def on_started(self, engine: Engine) -> None:
         """Trim ``queue_length`` to the global batch; load the queue file of a resumed run from ``dirname``."""
         if self.batch_size is not None:
-            _check_same_on_every_rank("batch_size", self.batch_size)
+            # local queues of different lengths would make the gather of state_dict abort (gloo) or hang
+            check_same_on_every_rank(
+                "batch_size",
+                [self.batch_size],
+                "every process needs the same batch_size for the queue to be split evenly",
+            )
         self.queue_length = self._global_queue_length()
         self._first_iteration_checked = False
         if self.queue is None and self.dirname is not None:
@@ -209,7 +204,7 @@ class SwAVQueueHandler(Serializable):
             self._create_queue()
         elif due:
             # Shapes not known yet: the loss calls back with its first batch, before pushing it.
-            self.loss._queue_factory = self._create_queue_from_batch
+            self.loss.queue_factory = self._create_queue_from_batch
         self.loss.queue = self.queue
 
     def on_iteration_completed(self, engine: Engine) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 
@@ -40,3 +43,41 @@ def random_crops(batch: int = 4, sizes=(16, 16, 8, 8, 8), seed: int = 0) -> list
 # epoch only: the code paths of a run, not its figures. Each test file adds its iterations and queue.
 TINY_EXAMPLE_ARGS = ["--dataset", "digits", "--num-workers", "0", "--batch-size", "16", "--num-prototypes", "16"]
 TINY_EXAMPLE_ARGS += ["--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active, and the host synchronisations among them:
+    ``aten::_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``, ``if t:``) and ``Tensor.tolist()``,
+    which on the CPU reads memory without dispatching anything (on a GPU it copies to the host and waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: Counter[str] = Counter()
+
+    def __enter__(self) -> DispatchCounter:
+        self._tolist = torch.Tensor.tolist
+        counter, tolist = self.operations, self._tolist
+
+        def counted_tolist(tensor: torch.Tensor):  # noqa: ANN202
+            counter["tolist"] += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc_info) -> None:  # noqa: ANN002
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc_info)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.operations[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        """Operations dispatched (``tolist`` calls not included)."""
+        return sum(n for name, n in self.operations.items() if name != "tolist")
+
+    @property
+    def synchronisations(self) -> int:
+        return self.operations["_local_scalar_dense"] + self.operations["tolist"]

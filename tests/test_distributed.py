@@ -11,7 +11,6 @@ from ignite.handlers import Checkpoint, DiskSaver
 from reference import classic_sinkhorn, classic_swav_loss
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, sinkhorn
-from ignite_swav.sinkhorn import sinkhorn_codes
 
 WORLD = 2
 FEAT_DIM = 8
@@ -40,7 +39,7 @@ def _sinkhorn_and_loss_worker(rank: int) -> None:
     everything = torch.cat([full.chunk(WORLD)[0], queues[0], full.chunk(WORLD)[1], queues[1]])
     expected = classic_sinkhorn(everything)
     start = 0 if rank == 0 else 16 + 40
-    got = sinkhorn_codes(mine, queues[rank])
+    got = sinkhorn(mine, queues[rank])
     assert torch.allclose(got.double(), expected[start : start + 16], atol=1e-6)
 
     # a wide spread of scores (the log-domain path): still one equipartition over the rows of both ranks, and

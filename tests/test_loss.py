@@ -187,15 +187,55 @@ def test_a_queue_of_the_wrong_shape_is_refused():
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
 
 
-def test_a_loss_that_overflows_with_finite_scores_is_named():
+def test_scores_beyond_the_cosine_range_are_refused_and_never_pushed():
     prototypes = unit_prototypes()
     scores, embeddings = make_crops(2, 4, 8, prototypes)
-    huge = [s * 3e37 for s in scores]  # finite, but scores / temperature overflow
+    huge = [s * 3e37 for s in scores]  # finite, but not cosine similarities (and scores / temperature overflow)
     loss_fn = SwAVLoss()
     loss_fn.queue = torch.zeros(2, 8, 8)
-    with pytest.raises(ValueError, match="in the loss although the scores are finite"):
+    with pytest.raises(ValueError, match=r"scores\[0\] reach 2.2\de\+37 in magnitude, beyond the cosine range"):
         loss_fn(scores=huge, embeddings=embeddings, prototypes=prototypes)
     assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+
+
+def test_embeddings_that_are_not_unit_vectors_are_refused_and_never_pushed():
+    # a custom head without L2 normalisation: before, it trained with loss 0.0 and queue rows of norm 74
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(3, 4, 8, prototypes)
+    embeddings = [z * 74 for z in embeddings]
+    loss_fn = SwAVLoss()
+    loss_fn.queue = torch.zeros(2, 8, 8)
+    with pytest.raises(ValueError, match=r"embeddings\[0\] are not unit vectors \(norms from 74 to 74\).*F.normalize"):
+        loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
+    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+
+
+def test_prototypes_that_are_not_unit_rows_are_refused_once_they_score_the_queue():
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(2, 4, 8, prototypes)
+    loss_fn = SwAVLoss()
+    queue = F.normalize(torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(3)), dim=2)
+    loss_fn.queue = queue.clone()
+    with pytest.raises(ValueError, match=r"the prototypes are not unit rows \(norms from 3 to 3\) while they score"):
+        loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes * 3)
+    assert torch.equal(loss_fn.queue, queue)
+    # without a queue, the prototypes are not used by the loss and not checked
+    SwAVLoss()(scores=scores, embeddings=embeddings, prototypes=prototypes * 3)
+
+
+@pytest.mark.parametrize("name", ["temperature", "epsilon"])
+def test_a_divisor_so_small_that_float32_overflows_is_refused(name):
+    with pytest.raises(ValueError, match=rf"{name} must be a positive finite number >= 1e-30, got 1e-300"):
+        SwAVLoss(**{name: 1e-300})
+
+
+def test_bfloat16_rounding_of_unit_vectors_is_accepted():
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(3, 16, 8, prototypes)
+    loss = SwAVLoss()(
+        scores=[s.bfloat16() for s in scores], embeddings=[z.bfloat16() for z in embeddings], prototypes=prototypes
+    )
+    assert torch.isfinite(loss)
 
 
 def test_a_deferred_check_raises_later_and_the_queue_is_never_written():

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from reference import classic_sinkhorn
 
 from ignite_swav import sinkhorn
-from ignite_swav.sinkhorn import sinkhorn_codes
 
 
 def cosine_scores(rows: int, prototypes: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
@@ -35,7 +34,7 @@ def test_matches_the_classic_matrix_loop(iterations, epsilon):
 def test_extra_rows_join_the_equipartition_but_only_the_batch_rows_are_returned():
     batch, queue = cosine_scores(16, 12, seed=1), cosine_scores(64, 12, seed=2)
     expected = classic_sinkhorn(torch.cat([batch, queue]))[:16]
-    got = sinkhorn_codes(batch, queue)
+    got = sinkhorn(batch, queue)
     assert got.shape == (16, 12)
     assert torch.allclose(got.double(), expected, atol=1e-6, rtol=1e-5)
     # The queue changes the result: it is not ignored.
@@ -106,7 +105,7 @@ def test_bad_input_is_refused_with_a_clear_message(kwargs, error, message):
 
 def test_extra_scores_with_other_prototype_count_are_refused():
     with pytest.raises(ValueError, match="extra_scores must have 4 columns"):
-        sinkhorn_codes(torch.zeros(2, 4), torch.zeros(3, 5))
+        sinkhorn(torch.zeros(2, 4), torch.zeros(3, 5))
 
 
 # every (epsilon, score range) with epsilon down to 0.01 and scores up to +-50 where exp(scores / epsilon) fits
@@ -126,7 +125,7 @@ def test_codes_stay_exact_wherever_the_float64_loop_is_finite(epsilon, score_ran
     extra[:, :5] -= score_range / 2
     expected = classic_sinkhorn(torch.cat([scores, extra]), 3, epsilon)[:96]
     assert torch.isfinite(expected).all()
-    got = sinkhorn_codes(scores, extra, iterations=3, epsilon=epsilon)
+    got = sinkhorn(scores, extra, iterations=3, epsilon=epsilon)
     assert (got.double() - expected).abs().max() < 1e-4
     assert torch.allclose(got.sum(dim=1), torch.ones(96), atol=1e-5)
 
@@ -152,3 +151,47 @@ def test_inputs_that_used_to_fail_inside_torch_or_give_nan_get_a_clear_answer():
     # a tiny epsilon with ordinary scores: hard assignments, finite
     codes = sinkhorn(cosine_scores(8, 4), epsilon=1e-39)
     assert torch.isfinite(codes).all() and torch.allclose(codes.sum(dim=1), torch.ones(8))
+
+
+def _worst_cosine_case(seed: int, rows: int = 576, prototypes: int = 100, dim: int = 16) -> torch.Tensor:
+    """Cosine scores at the extremes: most embeddings equal to one prototype (score 1), five prototypes
+    opposite to them (score -1), the rest spread over other prototypes."""
+    g = torch.Generator().manual_seed(seed)
+    c = F.normalize(torch.randn(prototypes, dim, generator=g), dim=1)
+    d = F.normalize(torch.randn(1, dim, generator=g), dim=1)
+    c[:5], c[5] = -d, d
+    z = d.expand(rows, dim).clone()
+    z[::7] = c[10 + torch.arange(len(z[::7])) % (prototypes - 10)]
+    return (z @ c.t()).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_float32_kernel_is_exact_at_its_limit_on_cosine_scores_of_plus_and_minus_one(seed):
+    from reference import log_domain_sinkhorn
+
+    from ignite_swav.sinkhorn import KERNEL_FLOAT32_SPREAD, sinkhorn_method
+
+    scores = _worst_cosine_case(seed)
+    epsilon = 2.04 / KERNEL_FLOAT32_SPREAD  # the smallest epsilon the loss works on in float32 (scores up to 1.02)
+    assert sinkhorn_method(2.04 / epsilon) == ("kernel", torch.float32)
+    got = sinkhorn(scores[:64], scores[64:], epsilon=epsilon, max_abs_score=1.02)
+    expected = log_domain_sinkhorn(scores, 3, epsilon)[:64]
+    assert (got.double() - expected).abs().max() < 1e-5
+
+
+def test_a_known_bound_on_the_scores_reads_nothing_from_the_device():
+    from helpers import DispatchCounter
+
+    scores, queue = cosine_scores(16, 10, seed=1), cosine_scores(48, 10, seed=2)
+    with DispatchCounter() as bounded:
+        got = sinkhorn(scores, queue, max_abs_score=1.0)
+    with DispatchCounter() as measured:
+        expected = sinkhorn(scores, queue)
+    assert bounded.synchronisations == 0 and measured.synchronisations > 0
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"), "1", True])
+def test_a_bad_bound_is_refused(value):
+    with pytest.raises(ValueError, match=r"max_abs_score must be a positive finite number \(1.0 for cosine scores\)"):
+        sinkhorn(torch.zeros(3, 2), max_abs_score=value)

@@ -1,0 +1,56 @@
+"""Small collectives shared by the package, through ``ignite.distributed`` (so every Ignite backend works).
+
+On one process none of them communicates.
+"""
+
+from __future__ import annotations
+
+import torch
+from ignite import distributed as idist
+from torch import Tensor
+
+
+def values_by_rank(values: list[int]) -> list[tuple[int, ...]]:
+    """``values`` of every rank, in rank order (one all_gather; on one process, no collective)."""
+    if idist.get_world_size() == 1:
+        return [tuple(values)]
+    gathered = idist.all_gather(torch.tensor([values], device=idist.device()))
+    return [tuple(row) for row in gathered.view(-1, len(values)).tolist()]
+
+
+def check_same_on_every_rank(what: str, values: list[int], advice: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` and each rank's values when the ranks' ``values`` differ (one
+    all_gather): called before a collective that would otherwise abort (gloo) or hang on unequal shapes."""
+    by_rank = values_by_rank(values)
+    if len(set(by_rank)) > 1:
+        shown = [row[0] if len(row) == 1 else row for row in by_rank]
+        raise ValueError(f"the {what} differs between processes ({shown}, by rank): {advice}")
+
+
+def any_flag_on_any_rank(flags: Tensor) -> Tensor:
+    """``flags`` (a float tensor of 0/1) combined with every other rank's by maximum; stays on the device."""
+    return idist.all_reduce(flags, op="MAX")
+
+
+def non_finite_on_any_rank(tensors: list[Tensor]) -> list[bool]:
+    """For each tensor, whether it holds a NaN or an infinity on this rank or any other rank (waits for the
+    device: for error paths and one-off checks)."""
+    flags = torch.stack([~torch.isfinite(t).all() for t in tensors]).to(torch.float32)
+    return [bool(f) for f in any_flag_on_any_rank(flags).tolist()]
+
+
+def max_over_ranks(values: Tensor) -> Tensor:
+    """The element-wise maximum of ``values`` over the ranks (a new tensor on several ranks, ``values`` itself
+    on one)."""
+    return values if idist.get_world_size() == 1 else idist.all_reduce(values.clone(), op="MAX")
+
+
+def log_sum_over_ranks(log_values: Tensor) -> Tensor:
+    """``log(sum_r exp(log_values_r))`` over the ranks, element-wise, without overflow: two all-reduces of the
+    tensor (its maximum, then the sum of ``exp`` below it), so each rank sends O(numel) values whatever the
+    world size."""
+    if idist.get_world_size() == 1:
+        return log_values  # not only the collectives: the exp and log around them would change nothing either
+    top = idist.all_reduce(log_values.clone(), op="MAX")
+    total = idist.all_reduce(torch.exp(log_values - top), op="SUM")
+    return total.log_().add_(top)

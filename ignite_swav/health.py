@@ -1,0 +1,315 @@
+"""Training health of a SwAV run: the per-epoch signs of collapse, read from what the loss already computes,
+and a warning that names the likely cause and the remedies."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ignite import distributed as idist
+from ignite.base import Serializable
+from ignite.engine import Engine, Events
+from torch import Tensor
+
+from ignite_swav._validation import check_int
+from ignite_swav.events import SwAVEvents
+from ignite_swav.loss import SwAVLoss
+
+__all__ = ["CollapseReport", "SwAVHealthMonitor", "diagnose"]
+
+METRIC_NAMES = ("prototype_usage", "code_entropy", "loss_over_lnk")
+
+# The reference's advice for a collapsing run, in the order to try it.
+_REMEDIES = (
+    "freeze the prototypes for longer (freeze_prototypes_iters)",
+    "use a shorter queue or start it later (queue_length, epoch_queue_starts)",
+    "use a smaller epsilon",
+    "lower the learning rate",
+)
+
+
+@dataclass(frozen=True)
+class CollapseReport:
+    """Why :class:`SwAVHealthMonitor` suspects collapse at the end of an epoch (``trainer.state.collapse_report``)."""
+
+    epoch: int
+    #: ``"collapse"``: the signature (codes near uniform, loss near ln K) holds and does not improve, or came back;
+    #: ``"queue"``: the loss rose clearly in the epochs after the queue came in
+    kind: str
+    evidence: str
+    queue_is_likely_cause: bool
+    remedies: tuple[str, ...]
+
+    def message(self) -> str:
+        """The warning's text: the evidence, then the remedies in order."""
+        cause = " The queue is the likely cause: it came in just before." if self.queue_is_likely_cause else ""
+        steps = "; ".join(f"({i}) {r}" for i, r in enumerate(self.remedies, 1))
+        return f"SwAV collapse suspected at epoch {self.epoch}: {self.evidence}.{cause} Try, in this order: {steps}."
+
+
+def diagnose(
+    history: list[Mapping[str, Any]],
+    entropy_threshold: float = 0.9,
+    loss_threshold: float = 0.9,
+    min_improvement: float = 0.01,
+    queue_rise: float = 0.05,
+    queue_window: int = 2,
+) -> CollapseReport | None:
+    """The collapse report for the last epoch of ``history``, or ``None`` when it looks healthy (or an alarm of
+    the same episode was given already).
+
+    ``history`` holds one record per epoch with ``epoch``, ``prototype_usage``, ``code_entropy``,
+    ``loss_over_lnk``, ``queue_used`` (the queue took part in that epoch's codes) and ``alarm`` (an alarm was
+    given at that epoch). The rules (the thresholds are the arguments of :class:`SwAVHealthMonitor`):
+
+    - **collapse signature**: ``code_entropy >= entropy_threshold`` and ``loss_over_lnk >= loss_threshold``.
+      A network at random initialisation shows it too, so it alarms only when it *persists without
+      improving* (it held in the previous epoch as well and the loss fell by less than ``min_improvement`` x
+      ln K) or *comes back* after an epoch without it. Once per episode: no new alarm until an epoch without it.
+    - **queue rise**: in the first ``queue_window`` epochs whose codes used the queue, ``loss_over_lnk`` rose by
+      ``queue_rise`` or more above the last epoch before the queue. Once per run.
+    """
+    if not history:
+        return None
+    now = history[-1]
+    before = history[:-1]
+
+    def signature(record: Mapping[str, Any]) -> bool:
+        return record["code_entropy"] >= entropy_threshold and record["loss_over_lnk"] >= loss_threshold
+
+    queue_epochs = [i for i, r in enumerate(history) if r.get("queue_used")]
+    first_queue = queue_epochs[0] if queue_epochs else None
+    queue_recent = first_queue is not None and len(history) - 1 - first_queue < queue_window
+    evidence = (
+        f"the codes are {now['code_entropy']:.0%} of uniform entropy, the loss is {now['loss_over_lnk']:.0%} of "
+        f"ln K, and {now['prototype_usage']:.0%} of the prototypes are the best match of any sample"
+    )
+    if signature(now):
+        episode_alarmed = False
+        for record in reversed(before):
+            if not signature(record):
+                break
+            episode_alarmed = episode_alarmed or bool(record.get("alarm"))
+        came_back = any(not signature(r) for r in before)
+        stuck = (
+            bool(before)
+            and signature(before[-1])
+            and now["loss_over_lnk"] > before[-1]["loss_over_lnk"] - min_improvement
+        )
+        if not episode_alarmed and ((came_back and not signature(before[-1])) or stuck):
+            how = "came back after it had gone" if came_back and not signature(before[-1]) else "is not improving"
+            return CollapseReport(
+                int(now["epoch"]), "collapse", f"{evidence}; this {how}", queue_recent, _remedies(queue_recent)
+            )
+    if queue_recent and first_queue is not None and first_queue > 0:
+        already = any(r.get("alarm") for r in history[first_queue:-1])
+        baseline = history[first_queue - 1]["loss_over_lnk"]
+        rise = now["loss_over_lnk"] - baseline
+        if not already and rise >= queue_rise:
+            return CollapseReport(
+                int(now["epoch"]),
+                "queue",
+                f"the loss rose from {baseline:.0%} to {now['loss_over_lnk']:.0%} of ln K since the queue came in "
+                f"(epoch {history[first_queue]['epoch']}); {evidence}",
+                True,
+                _remedies(True),
+            )
+    return None
+
+
+def _remedies(queue_first: bool) -> tuple[str, ...]:
+    if not queue_first:
+        return _REMEDIES
+    return (_REMEDIES[1], *[r for r in _REMEDIES if r != _REMEDIES[1]])
+
+
+class SwAVHealthMonitor(Serializable):
+    """Watches a SwAV run for collapse, from the codes and scores its :class:`~ignite_swav.SwAVLoss` computes.
+
+    ``attach(trainer)`` registers three handlers. Each iteration adds the loss's last step (its
+    :attr:`~ignite_swav.SwAVLoss.last_step`) to running sums kept on the device: no value is read back, so a
+    step never waits for it. At the end of every epoch the sums of all ranks are combined (one all-reduce and
+    one read) and put into ``trainer.state.metrics``, where Ignite's loggers find them like any metric
+    (``ProgressBar(...).attach(trainer, metric_names=[...])``, ``OutputHandler(metric_names="all")``):
+
+    - ``"prototype_usage"``: the fraction of the K prototypes that are the highest-scoring prototype of at least
+      one sample (an assigned crop) of the epoch, on any rank;
+    - ``"code_entropy"``: the mean entropy of the codes' rows divided by ln K (1.0: uniform codes);
+    - ``"loss_over_lnk"``: the epoch's mean loss divided by ln K (a collapsed model sits at 1.0 or above).
+
+    Then :func:`diagnose` looks at the history of these figures; when it suspects collapse, the trainer fires
+    :attr:`SwAVEvents.COLLAPSE_SUSPECTED` with the :class:`CollapseReport` in ``trainer.state.collapse_report``,
+    and one warning is logged (once per episode) naming the evidence and the remedies in order. A randomly
+    initialised network looks collapsed too (its codes are near uniform and its loss near ln K), so levels
+    alone never alarm: see :func:`diagnose` for the rules. The defaults come from the main job's runs (the
+    numbers are in ``docs/main-job.md``). Attach it before the loggers that read its metrics; put it in the
+    checkpoint (``state_dict``) so that a resumed run keeps its history.
+
+    Args:
+        loss_fn: the :class:`~ignite_swav.SwAVLoss` of the trainer.
+        entropy_threshold: ``code_entropy`` at or above which the codes count as collapsed (0-1).
+        loss_threshold: ``loss_over_lnk`` at or above which the loss counts as collapsed (> 0).
+        min_improvement: fall of ``loss_over_lnk`` per epoch below which a collapsed run counts as stuck (>= 0).
+        queue_rise: rise of ``loss_over_lnk`` after the queue came in that counts as the queue's fault (> 0).
+        queue_window: epochs after the queue came in during which a rise is blamed on it (>= 1).
+        logger: where the warning goes; default ``logging.getLogger("ignite_swav.health")``.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import SwAVHealthMonitor, SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes
+        >>> from ignite_swav import create_swav_trainer
+        >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))
+        >>> model = SwAVModel(backbone, SwAVProjectionHead(8, 16, 4), SwAVPrototypes(4, 10))
+        >>> loss_fn = SwAVLoss()
+        >>> trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+        >>> SwAVHealthMonitor(loss_fn).attach(trainer)
+        >>> crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
+        >>> metrics = trainer.run([crops] * 3, max_epochs=1).metrics
+        >>> sorted(metrics), 0 < metrics["prototype_usage"] <= 1
+        (['code_entropy', 'loss_over_lnk', 'prototype_usage'], True)
+    """
+
+    _state_dict_all_req_keys = ("history",)
+
+    def __init__(
+        self,
+        loss_fn: SwAVLoss,
+        entropy_threshold: float = 0.9,
+        loss_threshold: float = 0.9,
+        min_improvement: float = 0.01,
+        queue_rise: float = 0.05,
+        queue_window: int = 2,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not isinstance(loss_fn, SwAVLoss):
+            raise TypeError(f"loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.entropy_threshold = _fraction("entropy_threshold", entropy_threshold, upper=1.0)
+        self.loss_threshold = _fraction("loss_threshold", loss_threshold, upper=None)
+        self.min_improvement = _fraction("min_improvement", min_improvement, upper=1.0, zero=True)
+        self.queue_rise = _fraction("queue_rise", queue_rise, upper=None)
+        self.queue_window = check_int("queue_window", queue_window, 1)
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise TypeError(f"logger must be a logging.Logger, got {type(logger).__name__}")
+        self.logger = logger or logging.getLogger("ignite_swav.health")
+        #: one record per epoch: the three metrics, ``queue_used``, ``alarm``
+        self.history: list[dict[str, Any]] = []
+        self._engine: Engine | None = None
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        """Register the handlers on ``engine`` (the trainer whose loss is ``loss_fn``) and, if needed, the
+        :class:`SwAVEvents`. Attach it once, before the loggers that read its metrics."""
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
+        if engine.has_event_handler(self.completed, Events.EPOCH_COMPLETED):
+            raise ValueError("this SwAVHealthMonitor is already attached to this engine; attach it only once")
+        if self._engine is not None:
+            raise ValueError("this SwAVHealthMonitor is already attached to another engine; make one per trainer")
+        self._engine = engine
+        if SwAVEvents.COLLAPSE_SUSPECTED not in engine._allowed_events:
+            engine.register_events(*[e for e in SwAVEvents if e not in engine._allowed_events])
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def reset(self) -> None:
+        """Start the running sums of a new epoch."""
+        self._used: Tensor | None = None
+        self._sums: Tensor | None = None  # (sum of row entropies, sum of losses)
+        self._rows = 0
+        self._steps = 0
+        self._queue_used = False
+        self._last_step_seen: object = self.loss_fn.last_step
+
+    def started(self, engine: Engine) -> None:
+        """``EPOCH_STARTED``: reset the running sums."""
+        self.reset()
+
+    @torch.no_grad()
+    def iteration_completed(self, engine: Engine) -> None:
+        """``ITERATION_COMPLETED``: add the loss's last step to the running sums (on the device, no wait)."""
+        step = self.loss_fn.last_step
+        if step is None or step is self._last_step_seen:
+            return  # the loss was not called in this iteration
+        self._last_step_seen = step
+        codes, scores = step.codes, step.scores
+        if self._used is None or self._used.shape[0] != codes.shape[-1] or self._used.device != codes.device:
+            self._used = torch.zeros(codes.shape[-1], dtype=torch.float32, device=codes.device)
+            self._sums = torch.zeros(2, dtype=torch.float32, device=codes.device)
+        assert self._sums is not None
+        self._used.index_fill_(0, scores.argmax(dim=-1).flatten(), 1.0)
+        entropy_and_loss = torch.stack([torch.special.entr(codes).sum(), step.loss.float()])
+        self._sums.add_(entropy_and_loss)
+        self._rows += codes.shape[0] * codes.shape[1]
+        self._steps += 1
+        self._queue_used = self._queue_used or self.loss_fn.use_queue
+
+    def compute(self) -> dict[str, float]:
+        """The epoch's three metrics over all ranks (a collective: call it on every rank); NaN before any step."""
+        if self._used is None or self._sums is None or self._steps == 0:
+            return dict.fromkeys(METRIC_NAMES, math.nan)
+        used = idist.all_reduce(self._used.clone(), op="MAX")
+        sums = idist.all_reduce(self._sums.clone(), op="SUM")
+        world_size = idist.get_world_size()
+        log_k = math.log(used.shape[0]) if used.shape[0] > 1 else 1.0
+        values = torch.cat([used.mean().unsqueeze(0), sums]).tolist()
+        return {
+            "prototype_usage": values[0],
+            "code_entropy": values[1] / (self._rows * world_size) / log_k,
+            "loss_over_lnk": values[2] / (self._steps * world_size) / log_k,
+        }
+
+    def completed(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``: put the metrics into ``engine.state.metrics``; fire ``COLLAPSE_SUSPECTED`` and warn
+        when :func:`diagnose` suspects collapse."""
+        if self._steps == 0:
+            self.logger.warning(
+                "SwAVHealthMonitor saw no call of its SwAVLoss in epoch %d: attach it to the trainer that calls "
+                "that loss",
+                engine.state.epoch,
+            )
+            return
+        metrics = self.compute()
+        engine.state.metrics.update(metrics)
+        self.history.append({"epoch": engine.state.epoch, **metrics, "queue_used": self._queue_used, "alarm": False})
+        report = diagnose(
+            self.history,
+            self.entropy_threshold,
+            self.loss_threshold,
+            self.min_improvement,
+            self.queue_rise,
+            self.queue_window,
+        )
+        if report is not None:
+            self.history[-1]["alarm"] = True
+            engine.state.collapse_report = report
+            self.logger.warning(report.message())
+            engine.fire_event(SwAVEvents.COLLAPSE_SUSPECTED)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The per-epoch history (numbers and booleans only)."""
+        return {"history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the history of :meth:`state_dict`, so that a resumed run keeps its trends."""
+        super().load_state_dict(state_dict)
+        history = state_dict["history"]
+        keys = {"epoch", *METRIC_NAMES, "queue_used", "alarm"}
+        if not isinstance(history, list) or not all(isinstance(r, Mapping) and keys <= set(r) for r in history):
+            raise ValueError(f"the health monitor's state must hold a list of per-epoch records with {sorted(keys)}")
+        self.history = [dict(r) for r in history]
+
+
+def _fraction(name: str, value: object, upper: float | None, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    low_ok = value >= 0 if zero else value > 0
+    if not math.isfinite(value) or not low_ok or (upper is not None and value > upper):
+        valid = f"{'>= 0' if zero else '> 0'}{'' if upper is None else f' and <= {upper:g}'}"
+        raise ValueError(f"{name} must be {valid}, got {value}")
+    return float(value)

@@ -1,0 +1,293 @@
+"""SwAVHealthMonitor: its per-epoch metrics, on one process and on two, and its collapse and queue alarms."""
+
+import logging
+import math
+
+import ignite.distributed as idist
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_crops, tiny_swav_model
+from ignite.engine import Engine, Events
+from torch import nn
+
+from ignite_swav import (
+    SwAVEvents,
+    SwAVHealthMonitor,
+    SwAVLoss,
+    SwAVModel,
+    SwAVPrototypes,
+    SwAVQueueHandler,
+    create_swav_trainer,
+    diagnose,
+)
+
+
+class Constant(nn.Module):
+    """A 'projection' whose embeddings are the same unit vector for every image: forced collapse."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.direction = nn.Parameter(F.normalize(torch.randn(dim), dim=0))
+        self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.direction, dim=0).expand(features.shape[0], -1) + 0 * features.sum()
+
+
+class Distinct(nn.Module):
+    """A fixed random projection of the flattened image: every image gets its own embedding, both crops of an
+    image almost the same one (a healthy, if untrained, representation)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.projection = nn.Linear(3 * 4 * 4, dim)
+        self.out_dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(features), dim=1)
+
+
+def pooled_backbone() -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
+
+
+def image_crops(num_batches: int = 4, batch: int = 16, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Two slightly different views of each of ``batch`` random images."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        images = torch.randn(batch, 3, 8, 8, generator=g)
+        batches.append([images + 0.01 * torch.randn(images.shape, generator=g) for _ in range(2)])
+    return batches
+
+
+def run(projection: nn.Module, epochs: int, seed: int = 0, **monitor_kwargs):
+    torch.manual_seed(seed)
+    model = SwAVModel(pooled_backbone(), projection, SwAVPrototypes(projection.out_dim, 20))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn)
+    monitor = SwAVHealthMonitor(loss_fn, **monitor_kwargs)
+    monitor.attach(trainer)
+    alarms = []
+    trainer.add_event_handler(SwAVEvents.COLLAPSE_SUSPECTED, lambda e: alarms.append(e.state.collapse_report))
+    per_epoch = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append(dict(e.state.metrics)))
+    trainer.run(image_crops(seed=seed), max_epochs=epochs)
+    return per_epoch, alarms, monitor
+
+
+def test_the_metrics_are_in_the_trainers_metrics_after_every_epoch():
+    per_epoch, _, monitor = run(Distinct(8), epochs=2)
+    assert len(per_epoch) == 2 and len(monitor.history) == 2
+    for metrics in per_epoch:
+        assert set(metrics) == {"prototype_usage", "code_entropy", "loss_over_lnk"}
+        assert 0 < metrics["prototype_usage"] <= 1 and 0 <= metrics["code_entropy"] <= 1
+        assert metrics["loss_over_lnk"] > 0
+
+
+def test_the_metrics_are_what_they_say_on_a_hand_made_step():
+    loss_fn = SwAVLoss(crops_for_assign=(0,))
+    prototypes = torch.eye(4)
+    embeddings = [torch.eye(4)[[0, 0, 1, 1]], torch.eye(4)[[0, 0, 1, 1]]]  # 4 samples, best prototypes 0 and 1
+    scores = [z @ prototypes.t() for z in embeddings]
+    engine = Engine(lambda e, b: loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes))
+    SwAVHealthMonitor(loss_fn).attach(engine)
+    metrics = engine.run([0, 1], max_epochs=1).metrics
+    codes = loss_fn.last_step.codes[0]
+    entropy = -(codes * codes.log()).sum(dim=1).mean().item() / math.log(4)
+    assert metrics["prototype_usage"] == 0.5  # prototypes 0 and 1 of 4
+    assert metrics["code_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert metrics["loss_over_lnk"] == pytest.approx(loss_fn.last_step.loss.item() / math.log(4), rel=1e-5)
+
+
+def test_forced_collapse_raises_the_event_within_two_epochs_and_warns_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.health"):
+        per_epoch, alarms, _ = run(Constant(8), epochs=4)
+    assert per_epoch[0]["code_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert per_epoch[0]["prototype_usage"] == pytest.approx(1 / 20)
+    assert [a.epoch for a in alarms] == [2], "one alarm, at epoch 2, for the whole episode"
+    assert alarms[0].kind == "collapse" and not alarms[0].queue_is_likely_cause
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "collapse suspected at epoch 2" in warnings[0] and "is not improving" in warnings[0]
+    # the remedies, in the reference's order
+    order = ["freeze the prototypes for longer", "shorter queue", "smaller epsilon", "lower the learning rate"]
+    positions = [warnings[0].index(text) for text in order]
+    assert positions == sorted(positions)
+
+
+def test_a_healthy_run_raises_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.health"):
+        per_epoch, alarms, _ = run(Distinct(8), epochs=4)
+    assert alarms == [] and caplog.records == []
+    assert all(m["code_entropy"] < 0.9 for m in per_epoch)
+
+
+def test_a_loss_that_rises_when_the_queue_comes_in_is_blamed_on_the_queue(caplog):
+    # A constructed run: two views of an image agree (a low loss) until the queue is in use, then they are
+    # unrelated random vectors, so the loss climbs towards ln K.
+    loss_fn = SwAVLoss()
+    prototypes = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    g = torch.Generator().manual_seed(1)
+
+    def step(engine, batch):
+        z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
+        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
+        return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
+
+    trainer = Engine(step)
+    SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=3).attach(trainer)
+    monitor = SwAVHealthMonitor(loss_fn)
+    monitor.attach(trainer)
+    alarms = []
+    trainer.add_event_handler(SwAVEvents.COLLAPSE_SUSPECTED, lambda e: alarms.append(e.state.collapse_report))
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.health"):
+        trainer.run(range(6), max_epochs=6)
+    assert [r["queue_used"] for r in monitor.history] == [False] * 3 + [True] * 3
+    assert [a.epoch for a in alarms] == [4] and alarms[0].queue_is_likely_cause
+    message = caplog.records[0].getMessage()
+    assert "The queue is the likely cause" in message
+    assert message.index("shorter queue or start it later") < message.index("freeze the prototypes")
+
+
+def record(epoch, entropy, loss, usage=0.05, queue_used=False, alarm=False):
+    return {
+        "epoch": epoch,
+        "prototype_usage": usage,
+        "code_entropy": entropy,
+        "loss_over_lnk": loss,
+        "queue_used": queue_used,
+        "alarm": alarm,
+    }
+
+
+def test_diagnose_rules_on_histories():
+    # at initialisation the signature holds, but a falling loss is not an alarm
+    assert diagnose([record(1, 0.96, 1.02)]) is None
+    assert diagnose([record(1, 0.96, 1.02), record(2, 0.95, 0.95)]) is None
+    # stuck: the signature twice, the loss not falling by 1% of ln K
+    assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)]).kind == "collapse"
+    # the same episode is reported once
+    assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.02, alarm=True), record(3, 0.97, 1.03)]) is None
+    # came back after it had gone, right away
+    report = diagnose([record(1, 0.96, 1.0), record(2, 0.5, 0.6), record(3, 0.95, 0.95)])
+    assert report.kind == "collapse" and "came back" in report.evidence
+    # a rise after the queue came in, within the window; not before, not after
+    base = [record(1, 0.5, 0.6), record(2, 0.4, 0.5)]
+    assert diagnose([*base, record(3, 0.5, 0.56, queue_used=True)]).kind == "queue"
+    assert diagnose([*base, record(3, 0.5, 0.54, queue_used=True)]) is None
+    late = [*base, record(3, 0.4, 0.5, queue_used=True), record(4, 0.4, 0.5, queue_used=True)]
+    assert diagnose([*late, record(5, 0.5, 0.6, queue_used=True)]) is None
+    # thresholds are the caller's
+    assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)], entropy_threshold=0.99) is None
+
+
+def test_the_history_is_saved_and_restored():
+    _, _, monitor = run(Distinct(8), epochs=2)
+    restored = SwAVHealthMonitor(SwAVLoss())
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.history == monitor.history
+    with pytest.raises(ValueError, match="list of per-epoch records with"):
+        restored.load_state_dict({"history": [{"epoch": 1}]})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"loss_fn": torch.nn.MSELoss()}, TypeError, "loss_fn must be an ignite_swav.SwAVLoss, got MSELoss"),
+        ({"entropy_threshold": 1.5}, ValueError, r"entropy_threshold must be > 0 and <= 1, got 1.5"),
+        ({"entropy_threshold": 0}, ValueError, r"entropy_threshold must be > 0 and <= 1, got 0"),
+        ({"loss_threshold": -1}, ValueError, r"loss_threshold must be > 0, got -1"),
+        ({"loss_threshold": float("nan")}, ValueError, r"loss_threshold must be > 0, got nan"),
+        ({"min_improvement": -0.1}, ValueError, r"min_improvement must be >= 0 and <= 1, got -0.1"),
+        ({"queue_rise": "0.05"}, TypeError, r"queue_rise must be a number, got '0.05'"),
+        ({"queue_window": 0}, ValueError, r"queue_window must be an integer >= 1, got 0"),
+        ({"logger": "health"}, TypeError, r"logger must be a logging.Logger, got str"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SwAVHealthMonitor(**({"loss_fn": SwAVLoss()} | kwargs))
+
+
+def test_attaching_twice_or_to_a_non_engine_is_refused():
+    monitor = SwAVHealthMonitor(SwAVLoss())
+    with pytest.raises(TypeError, match="engine must be an ignite Engine, got str"):
+        monitor.attach("trainer")
+    engine = Engine(lambda e, b: None)
+    monitor.attach(engine)
+    with pytest.raises(ValueError, match="already attached to this engine"):
+        monitor.attach(engine)
+    with pytest.raises(ValueError, match="already attached to another engine"):
+        monitor.attach(Engine(lambda e, b: None))
+
+
+def test_a_monitor_whose_loss_is_not_called_says_so(caplog):
+    engine = Engine(lambda e, b: None)
+    SwAVHealthMonitor(SwAVLoss()).attach(engine)
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.health"):
+        state = engine.run([0], max_epochs=1)
+    assert "saw no call of its SwAVLoss in epoch 1" in caplog.text
+    assert "prototype_usage" not in state.metrics
+
+
+def test_ignite_loggers_pick_the_metrics_up(tmp_path):
+    pytest.importorskip("tensorboard")
+    from ignite.handlers import TensorboardLogger
+    from ignite.handlers.tensorboard_logger import OutputHandler
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = SwAVModel(pooled_backbone(), Distinct(8), SwAVPrototypes(8, 20))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn)
+    SwAVHealthMonitor(loss_fn).attach(trainer)
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path))
+    tb_logger.attach(trainer, OutputHandler("train", metric_names="all"), Events.EPOCH_COMPLETED)
+    trainer.run(image_crops(), max_epochs=2)
+    tb_logger.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"train/prototype_usage", "train/code_entropy", "train/loss_over_lnk"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/code_entropy")) == 2
+
+
+def test_the_monitor_adds_no_host_synchronisation_to_a_step():
+    from helpers import DispatchCounter
+
+    model = tiny_swav_model()
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn)
+    SwAVHealthMonitor(loss_fn).attach(trainer)
+    counted, counter = [], {}
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: counter.update(mode=DispatchCounter().__enter__()))
+
+    @trainer.on(Events.ITERATION_COMPLETED)  # registered after the monitor's handler: its work is counted
+    def stop(_):
+        counter["mode"].__exit__(None, None, None)
+        counted.append(counter["mode"].synchronisations)
+
+    trainer.run([random_crops(4, sizes=(16, 16, 8), seed=i) for i in range(3)], max_epochs=2)
+    assert counted == [2] * 6  # the step's own two: the monitor reads the device once per epoch, after the step
+
+
+def _two_rank_worker(rank: int) -> None:
+    torch.manual_seed(0)
+    model = idist.auto_model(tiny_swav_model(seed=0))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), loss_fn)
+    SwAVHealthMonitor(loss_fn).attach(trainer)
+    batches = [random_crops(4, sizes=(16, 16, 8), seed=i + 100 * rank) for i in range(3)]
+    metrics = trainer.run(batches, max_epochs=2).metrics
+    values = torch.tensor([metrics[name] for name in ("prototype_usage", "code_entropy", "loss_over_lnk")])
+    gathered = idist.all_gather(values.unsqueeze(0))
+    assert torch.equal(gathered[0], gathered[1]), "the ranks disagree on the health metrics"
+    # usage over all ranks: at least what this rank alone saw
+    local = torch.zeros(12)
+    local[loss_fn.last_step.scores.argmax(dim=-1).flatten()] = 1
+    assert metrics["prototype_usage"] >= local.mean().item() - 1e-6
+
+
+def test_two_ranks_get_the_same_metrics():
+    idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)

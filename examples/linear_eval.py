@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Linear probe of a SwAV checkpoint written by train_swav.py: frozen backbone, one linear layer on top.
+"""Linear probe of a SwAV checkpoint: frozen backbone, one linear layer on top. The checkpoint is one written
+by train_swav.py, or a release of facebookresearch/swav (then name the data set and the architecture).
 
     python examples/linear_eval.py --checkpoint runs/swav/swav_checkpoint_1640.pt
+    python examples/linear_eval.py --checkpoint swav_800ep_pretrain.pth.tar --dataset cifar10 --data-dir data
 
 The backbone's features of the training split and of the held-out split are computed once (frozen, eval
 mode, no augmentation); a linear classifier is trained on the training features and its top-1 on the held-out
@@ -24,14 +26,29 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_swav  # noqa: E402
+from swav_config import DATASETS  # noqa: E402
 from swav_data import DataBundle  # noqa: E402
 
-from ignite_swav import extract_features, load_checkpoint_file, load_objects  # noqa: E402
+from ignite_swav import (  # noqa: E402
+    extract_features,
+    load_checkpoint_file,
+    load_objects,
+    load_official_checkpoint,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train_swav.py")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint of train_swav.py, or a facebookresearch/swav release",
+    )
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default=None, help="data set to probe on (for a release; ours name their own)"
+    )
+    parser.add_argument("--arch", default="resnet50", help="torchvision architecture of a release (default: resnet50)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data set folder (real data sets)")
     parser.add_argument("--epochs", type=int, default=200, help="epochs of the linear classifier (full batch)")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear classifier (Adam)")
@@ -39,17 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The checkpoint and the run settings stored in it; bad files raise ExampleError."""
+def is_release(checkpoint: Any) -> bool:
+    """Whether a loaded checkpoint is a facebookresearch/swav release (flat, ``module.``-prefixed weights, or
+    ``main_swav.py``'s ``{"state_dict": ...}``) rather than one of train_swav.py."""
+    if not isinstance(checkpoint, dict):
+        return False
+    weights = checkpoint.get("state_dict", checkpoint)
+    return isinstance(weights, dict) and any(str(k).startswith("module.") for k in weights)
+
+
+def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checkpoint and the run settings stored in it (``None`` for a release); bad files raise ExampleError."""
     if not path.is_file():
         raise train_swav.ExampleError(f"--checkpoint '{path}' does not exist")
     try:
         checkpoint = load_checkpoint_file(path)
     except ValueError as error:
         raise train_swav.ExampleError(str(error)) from None
+    if is_release(checkpoint):
+        return checkpoint, None
     config = checkpoint.get("history", {}).get("config") if isinstance(checkpoint, dict) else None
     if not config or "model" not in checkpoint:
-        raise train_swav.ExampleError(f"--checkpoint '{path}' is not a checkpoint written by train_swav.py")
+        raise train_swav.ExampleError(
+            f"--checkpoint '{path}' is neither a checkpoint written by train_swav.py nor a facebookresearch/swav "
+            "release"
+        )
     return checkpoint, config
 
 
@@ -90,38 +121,56 @@ def linear_probe(backbone: nn.Module, data: DataBundle, epochs: int, lr: float) 
     return train_linear(train, heldout, epochs, lr)
 
 
+def backbones(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, DataBundle, str, int | None]:
+    """The pretrained backbone, the same network at random initialisation, the data, the data set's name and the
+    pretraining epochs (``None`` for a release) of ``--checkpoint``."""
+    checkpoint, config = load_settings(args.checkpoint)
+    dataset = args.dataset or (config or {}).get("dataset")
+    if dataset is None:
+        raise train_swav.ExampleError(
+            f"--checkpoint '{args.checkpoint}' is a facebookresearch/swav release, which names no data set: pass "
+            "--dataset"
+        )
+    run_args = train_swav.parse_args(
+        ["--dataset", dataset, "--data-dir", str(args.data_dir), "--output-dir", str(args.checkpoint.parent)]
+    )
+    if config is None:
+        try:
+            model = load_official_checkpoint(checkpoint, arch=args.arch)
+        except ValueError as error:
+            raise train_swav.ExampleError(f"--checkpoint '{args.checkpoint}': {error}") from None
+        from torchvision import models
+
+        torch.manual_seed(0)
+        random_backbone = getattr(models, args.arch)()
+        random_backbone.fc = nn.Identity()
+        return model.backbone, random_backbone, train_swav.build_data(run_args), dataset, None
+    for key, value in config.items():
+        setattr(run_args, key, value)
+    data = train_swav.build_data(run_args)
+    model = train_swav.build_model(run_args)
+    random_backbone = train_swav.build_model(run_args).backbone
+    load_model(model, checkpoint, args.checkpoint)
+    epochs = checkpoint["trainer"]["iteration"] // max(1, checkpoint["trainer"]["epoch_length"])
+    return model.backbone, random_backbone, data, dataset, epochs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        checkpoint, config = load_settings(args.checkpoint)
-        run_args = train_swav.parse_args(
-            [
-                "--dataset",
-                config["dataset"],
-                "--data-dir",
-                str(args.data_dir),
-                "--output-dir",
-                str(args.checkpoint.parent),
-            ]
-        )
-        for key, value in config.items():
-            setattr(run_args, key, value)
-        data = train_swav.build_data(run_args)
-        model = train_swav.build_model(run_args)
-        random_backbone = train_swav.build_model(run_args).backbone
-        load_model(model, checkpoint, args.checkpoint)
+        backbone, random_backbone, data, dataset, epochs = backbones(args)
     except train_swav.ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = {
-        "linear_top1": linear_probe(model.backbone, data, args.epochs, args.lr),
+        "linear_top1": linear_probe(backbone, data, args.epochs, args.lr),
         "linear_top1_random_init": linear_probe(random_backbone, data, args.epochs, args.lr),
         "linear_top1_raw_pixels": linear_probe(nn.Flatten(), data, args.epochs, args.lr),
         "checkpoint": str(args.checkpoint),
-        "epochs_pretrained": checkpoint["trainer"]["iteration"] // max(1, checkpoint["trainer"]["epoch_length"]),
+        "epochs_pretrained": epochs,
     }
     print(
-        f"linear probe top-1 on the held-out split ({config['dataset']}):\n"
+        f"linear probe top-1 on the held-out split ({dataset}):\n"
         f"  SwAV pretrained       {results['linear_top1']:.4f}\n"
         f"  same net, random init {results['linear_top1_random_init']:.4f}\n"
         f"  raw pixels            {results['linear_top1_raw_pixels']:.4f}"

@@ -36,6 +36,7 @@ COMMON: dict[str, Any] = {
     "num_workers": 4,
     "gpu_augment": False,
     "knn_k": 20,
+    "online_probe": True,
     "eval_every": 1,
     "expected_world_size": None,
 }
@@ -186,6 +187,7 @@ CONFIG_KEYS = (
     "eval_size",
     "knn_k",
     "eval_every",
+    "online_probe",
     "gpu_augment",
     "num_workers",
     "seed",
@@ -284,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--eval-size", "image size of the k-NN probe", type=int)
     setting("--knn-k", "neighbours of the k-NN probe", type=int)
     setting("--eval-every", "run the k-NN probe every N epochs (and after the last)", type=int)
+    setting(
+        "--online-probe",
+        "train a linear classifier on the backbone's features during pretraining (data sets with labels)",
+        action=argparse.BooleanOptionalAction,
+    )
     add("--expected-world-size", type=int, default=None, help=argparse.SUPPRESS)
     add("--compile", action="store_true", help="torch.compile the model (slow first steps; for GPUs)")
     add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")

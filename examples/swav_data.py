@@ -78,6 +78,7 @@ class DataBundle:
     reference: Dataset  # labelled images for the k-NN bank
     heldout: Dataset  # labelled images the k-NN probe scores
     multicrop: MultiCropTransform
+    num_classes: int | None = None  # the pretraining images' classes; None when they have no labels (STL-10)
 
 
 def eval_transform(size: int, multicrop: MultiCropTransform) -> v2.Compose:
@@ -124,6 +125,7 @@ def build_data(args: argparse.Namespace) -> DataBundle:
             ArrayImages(images[train], labels[train], evaluate).transformed(),
             ArrayImages(images[heldout], labels[heldout], evaluate).transformed(),
             multicrop,
+            num_classes=10,
         )
     if args.dataset in ("cifar10", "stl10"):
         make = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.STL10
@@ -138,6 +140,7 @@ def build_data(args: argparse.Namespace) -> DataBundle:
             _torchvision_dataset(name, make, root, False, transform=evaluate, **splits[1]),
             _torchvision_dataset(name, make, root, False, transform=evaluate, **splits[2]),
             multicrop,
+            num_classes=10 if args.dataset == "cifar10" else None,  # STL-10 pretrains on its unlabeled split
         )
     train_dir, val_dir = args.data_dir / "train", args.data_dir / "val"
     for folder in (train_dir, val_dir):
@@ -146,9 +149,11 @@ def build_data(args: argparse.Namespace) -> DataBundle:
                 f"imagefolder needs '{folder}': --data-dir must hold train/ and val/, each with one sub-folder of "
                 "images per class"
             )
+    pretrain = datasets.ImageFolder(str(train_dir), transform=pretrain_transform)  # workers decode JPEG/PNG
     return DataBundle(
-        datasets.ImageFolder(str(train_dir), transform=pretrain_transform),  # workers decode JPEG/PNG
+        pretrain,
         datasets.ImageFolder(str(train_dir), transform=evaluate),
         datasets.ImageFolder(str(val_dir), transform=evaluate),
         multicrop,
+        num_classes=len(pretrain.classes) if len(pretrain.classes) > 1 else None,
     )

@@ -46,12 +46,15 @@ from torchvision.models.resnet import BasicBlock
 from ignite_swav import (
     BatchedMultiCrop,
     KNNAccuracy,
+    OnlineLinearProbe,
     SwAVEvents,
+    SwAVHealthMonitor,
     SwAVLoss,
     SwAVModel,
     SwAVProjectionHead,
     SwAVPrototypes,
     SwAVQueueHandler,
+    assign_clusters,
     collate_images,
     create_knn_evaluator,
     create_swav_trainer,
@@ -68,6 +71,8 @@ CHECKPOINT_PREFIX = "swav"
 CROPS_FOR_ASSIGN = (0, 1)  # the two large crops
 CHECKPOINT_KEYS = ("model", "optimizer", "trainer", "queue_handler", "history")
 LOCK_NAME = ".swav_run.lock"
+HEALTH_METRICS = ("prototype_usage", "code_entropy", "loss_over_lnk")
+LABELLED_EMBEDDED = ("mnist5k", "digits", "cifar10")  # 10 classes each
 logger = logging.getLogger("train_swav")
 
 
@@ -324,6 +329,10 @@ def load_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         "queue_handler": handler,
         "history": RunHistory(args),
     }
+    if "health" in checkpoint:  # written since the health monitor exists
+        probes["health"] = SwAVHealthMonitor(SwAVLoss())
+    if "probe" in checkpoint and args.dataset in LABELLED_EMBEDDED:  # the classes of other data sets: from the data
+        probes["probe"] = OnlineLinearProbe(model.backbone, num_classes=10)
     try:
         load_objects(probes, {k: checkpoint[k] for k in probes})
     except ValueError as error:
@@ -357,12 +366,39 @@ def _eval_loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
     return DataLoader(_shard(dataset), batch_size=256, shuffle=False, num_workers=workers)
 
 
-def knn_top1(backbone: nn.Module, data: DataBundle, args: argparse.Namespace) -> float:
+def evaluate_features(
+    backbone: nn.Module, data: DataBundle, args: argparse.Namespace, probe: OnlineLinearProbe | None = None
+) -> dict[str, float]:
     """Weighted k-NN top-1 of ``backbone``'s features (all ranks take part), in eval mode with the network's
-    own batch norm statistics: the standard protocol, for the pretrained and the random network alike."""
+    own batch norm statistics: the standard protocol, for the pretrained and the random network alike; and, in
+    the same pass over the held-out images, the online linear probe's top-1."""
     evaluator = create_knn_evaluator(backbone, _eval_loader(data.reference, args), device=idist.device(), k=args.knn_k)
+    if probe is not None:
+        probe.attach_metric(evaluator, "online_linear_top1")
     evaluator.run(_eval_loader(data.heldout, args))
-    return float(evaluator.state.metrics["knn_top1"])
+    return {name: float(value) for name, value in evaluator.state.metrics.items()}
+
+
+def knn_top1(backbone: nn.Module, data: DataBundle, args: argparse.Namespace) -> float:
+    """The k-NN top-1 of :func:`evaluate_features`."""
+    return evaluate_features(backbone, data, args)["knn_top1"]
+
+
+def cluster_nmi(model: nn.Module, data: DataBundle, args: argparse.Namespace) -> dict[str, float | None]:
+    """How well the prototypes cluster the held-out images: the normalised mutual information of their prototype
+    ids (``assign_clusters``) with the labels, next to scikit-learn's k-means with as many clusters on the raw
+    pixels of the same images (on small sets only: k-means on large images would take longer than training)."""
+    metrics = require("sklearn.metrics", "the cluster figures")
+    ids = assign_clusters(model, _eval_loader(data.heldout, args), device=idist.device())
+    pixels, labels = extract_features(nn.Flatten(), _eval_loader(data.heldout, args))  # every rank's, gathered
+    results: dict[str, float | None] = {"cluster_nmi": float(metrics.normalized_mutual_info_score(labels, ids))}
+    results["cluster_nmi_kmeans_raw_pixels"] = None
+    if pixels.numel() <= 50_000_000 and len(labels) >= args.num_prototypes:
+        cluster = require("sklearn.cluster", "the cluster figures")
+        kmeans = cluster.KMeans(n_clusters=args.num_prototypes, n_init=1, random_state=args.seed)
+        pixel_ids = kmeans.fit_predict(pixels.numpy())
+        results["cluster_nmi_kmeans_raw_pixels"] = float(metrics.normalized_mutual_info_score(labels, pixel_ids))
+    return results
 
 
 def raw_pixel_knn_top1(data: DataBundle, args: argparse.Namespace) -> float:
@@ -391,7 +427,7 @@ def _attach_tensorboard(trainer: Engine, optimizer: torch.optim.Optimizer, args:
     @trainer.on(Events.EPOCH_COMPLETED)
     def epoch_figures(engine: Engine) -> None:
         record = engine.state.swav_record
-        for key in ("knn_top1", "queue_used", "images_per_s"):
+        for key in ("knn_top1", "online_linear_top1", "queue_used", "images_per_s", *HEALTH_METRICS):
             if key in record:
                 tb_logger.writer.add_scalar(f"epoch/{key}", float(record[key]), engine.state.epoch)
 
@@ -456,6 +492,13 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     )
     trainer.logger = setup_logger("trainer", level=logging.WARNING)
     queue_handler.attach(trainer)  # before the checkpoint: its end-of-epoch work runs first
+    health = SwAVHealthMonitor(loss_fn, logger=logger)
+    health.attach(trainer)  # before the handlers and loggers that read its metrics
+    probe = None
+    if args.online_probe and data.num_classes is not None:
+        backbone_of = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        probe = OnlineLinearProbe(backbone_of.backbone, num_classes=data.num_classes)
+        probe.attach(trainer)
     attach_lr_schedule(trainer, optimizer, args, epoch_length)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -488,21 +531,26 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
             "queue_used": queue_used_in_epoch[0],
             "lr": float(optimizer.param_groups[0]["lr"]),
             "images_per_s": float(engine.state.metrics["images_per_s"]),
+            **{name: float(engine.state.metrics[name]) for name in HEALTH_METRICS},
         }
+        if health.history and health.history[-1]["alarm"]:  # the monitor ran first, at this epoch's end
+            engine.state.swav_record["collapse_suspected"] = engine.state.collapse_report.kind
 
     last_epoch = Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch == args.epochs)
 
     @trainer.on(Events.EPOCH_COMPLETED(every=args.eval_every) | last_epoch)
     def evaluate(engine: Engine) -> None:
-        engine.state.swav_record["knn_top1"] = knn_top1(backbone, data, args)
+        engine.state.swav_record.update(evaluate_features(backbone, data, args, probe))
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def log_epoch(engine: Engine) -> None:
         record = engine.state.swav_record
         history.records.append(record)
         knn = f", kNN top-1 {record['knn_top1']:.4f}" if "knn_top1" in record else ""
+        knn += f", online linear top-1 {record['online_linear_top1']:.4f}" if "online_linear_top1" in record else ""
         logger.info(
-            f"epoch {record['epoch']}/{args.epochs}: loss {record['loss']:.4f}{knn}, "
+            f"epoch {record['epoch']}/{args.epochs}: loss {record['loss']:.4f}{knn}, prototypes used "
+            f"{record['prototype_usage']:.2f}, code entropy {record['code_entropy']:.2f}, "
             f"queue {'used' if record['queue_used'] else 'not used'}, {record['images_per_s']:.0f} images/s"
         )
 
@@ -512,7 +560,10 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
         "trainer": trainer,
         "queue_handler": queue_handler,
         "history": history,
+        "health": health,
     }
+    if probe is not None:
+        to_save["probe"] = probe
     if getattr(trainer.state, "scaler", None) is not None:
         to_save["scaler"] = trainer.state.scaler  # float16 on CUDA: the loss scale resumes too
     checkpoint = Checkpoint(
@@ -555,10 +606,13 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
         "epochs": trainer.state.epoch,
         "world_size": world_size,
         "knn_top1": history.records[-1].get("knn_top1") if history.records else None,
+        "online_linear_top1": history.records[-1].get("online_linear_top1") if history.records else None,
         "knn_top1_random_init": knn_top1(build_backbone(args)[0].to(device), data, args),
         "knn_top1_raw_pixels": raw_pixel_knn_top1(data, args),
+        **(cluster_nmi(model, data, args) if data.num_classes is not None else {}),
         "images_per_s": statistics.median(images_per_s) if images_per_s else None,
         "queue_used": any(r["queue_used"] for r in history.records),
+        "collapse_alarms": [r["epoch"] for r in history.records if r.get("collapse_suspected")],
         "history": history.records,
     }
     if rank == 0:
@@ -631,15 +685,24 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
         f"  SwAV pretrained       {results['knn_top1']:.4f}",
         f"  same net, random init {results['knn_top1_random_init']:.4f}",
         f"  raw pixels            {results['knn_top1_raw_pixels']:.4f}",
-        f"results in {output_dir / 'results.json'}",
     ]
+    if results.get("online_linear_top1") is not None:
+        lines.append(f"online linear probe top-1 {results['online_linear_top1']:.4f}")
+    if results.get("cluster_nmi") is not None:
+        kmeans = results.get("cluster_nmi_kmeans_raw_pixels")
+        lines.append(
+            f"clusters (NMI with the labels): SwAV prototypes {results['cluster_nmi']:.4f}"
+            + (f", k-means on raw pixels {kmeans:.4f}" if kmeans is not None else "")
+        )
+    lines.append(f"results in {output_dir / 'results.json'}")
     _write_atomically(output_dir / "history.png", lambda p: plot_history(results, p))
     lines.append(f"plot in {output_dir / 'history.png'}")
     print("\n".join(lines), flush=True)
 
 
 def plot_history(results: dict[str, Any], path: Path) -> None:
-    """The loss per epoch, and the k-NN top-1 per epoch against the random-init and raw-pixel levels."""
+    """The loss per epoch, the k-NN top-1 per epoch against the random-init and raw-pixel levels, and the health
+    monitor's prototype usage and code entropy (with the epochs where collapse was suspected)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -647,23 +710,42 @@ def plot_history(results: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     history = results["history"]
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="o", markersize=3)
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_knn, ax_health) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", markersize=3)
     ax_loss.set(xlabel="epoch", ylabel="SwAV loss", title="training loss")
     evaluated = [r for r in history if "knn_top1" in r]
     ax_knn.plot(
         [r["epoch"] for r in evaluated], [r["knn_top1"] for r in evaluated], marker="o", markersize=3, color="C1",
         label="SwAV pretrained",
     )  # fmt: skip
+    probed = [r for r in history if "online_linear_top1" in r]
+    if probed:
+        ax_knn.plot(
+            [r["epoch"] for r in probed], [r["online_linear_top1"] for r in probed], marker="s", markersize=3,
+            color="C6", label="online linear probe",
+        )  # fmt: skip
     for key, label, colour in (
         ("knn_top1_raw_pixels", "raw pixels", "C2"),
         ("knn_top1_random_init", "same net, random init", "C3"),
     ):
         if results.get(key) is not None:
             ax_knn.axhline(results[key], linestyle="--", color=colour, label=f"{label} {results[key]:.3f}")
-    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title=f"k-NN probe on held-out images ({results['dataset']})")
+    ax_knn.set(
+        xlabel="epoch", ylabel="top-1", title=f"k-NN and linear probes on held-out images ({results['dataset']})"
+    )
     ax_knn.legend(loc="lower right")
-    for ax in (ax_loss, ax_knn):
+    for key, label, colour in (
+        ("prototype_usage", "prototypes used", "C4"),
+        ("code_entropy", "code entropy / ln K", "C5"),
+        ("loss_over_lnk", "loss / ln K", "C0"),
+    ):
+        ax_health.plot(epochs, [r.get(key) for r in history], marker="o", markersize=3, color=colour, label=label)
+    for alarm in [r["epoch"] for r in history if r.get("collapse_suspected")]:
+        ax_health.axvline(alarm, color="red", alpha=0.5)
+    ax_health.set(xlabel="epoch", ylabel="fraction", title="training health (red: collapse suspected)")
+    ax_health.legend(loc="best")
+    for ax in (ax_loss, ax_knn, ax_health):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

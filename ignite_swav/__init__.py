@@ -2,12 +2,15 @@
 
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
 from ignite_swav.checkpoint import load_checkpoint_file, load_objects
+from ignite_swav.clusters import assign_clusters
 from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
 from ignite_swav.loss import SwAVLoss, SwAVLossStep
 from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav.pretrained import export_backbone, load_official_checkpoint
+from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, multicrop_collate
@@ -20,6 +23,7 @@ __all__ = [
     "KNNAccuracy",
     "MultiCropSettings",
     "MultiCropTransform",
+    "OnlineLinearProbe",
     "SwAVEvents",
     "SwAVHealthMonitor",
     "SwAVLoss",
@@ -29,13 +33,16 @@ __all__ = [
     "SwAVPrototypes",
     "SwAVQueueHandler",
     "__version__",
+    "assign_clusters",
     "collate_images",
     "create_knn_evaluator",
     "create_swav_trainer",
     "diagnose",
+    "export_backbone",
     "extract_features",
     "load_checkpoint_file",
     "load_objects",
+    "load_official_checkpoint",
     "multicrop_collate",
     "prepare_image_batch",
     "prepare_multicrop_batch",

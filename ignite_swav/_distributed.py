@@ -54,3 +54,13 @@ def log_sum_over_ranks(log_values: Tensor) -> Tensor:
     top = idist.all_reduce(log_values.clone(), op="MAX")
     total = idist.all_reduce(torch.exp(log_values - top), op="SUM")
     return total.log_().add_(top)
+
+
+def gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of every rank, in rank order; ranks may hold different numbers of rows."""
+    # Not idist.all_gather_tensors_with_shapes: it indexes with a list, which torch deprecates (a warning per call).
+    counts = idist.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = idist.all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
+    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])

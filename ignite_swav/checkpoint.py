@@ -20,6 +20,8 @@ from ignite.handlers import Checkpoint
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ignite_swav._wrappers import unwrap_model
+
 __all__ = ["load_checkpoint_file", "load_objects"]
 
 
@@ -133,16 +135,10 @@ def load_checkpoint_file(path: str | Path) -> Any:
         ) from None
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return getattr(module, "_orig_mod", module)
-
-
 def _check_module_state(key: str, module: nn.Module, state: Any) -> None:
     if not isinstance(state, Mapping):
         raise ValueError(f"checkpoint entry '{key}' must be a model state dict, got {type(state).__name__}")
-    expected = _unwrapped(module).state_dict()
+    expected = unwrap_model(module).state_dict()
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:

@@ -34,7 +34,15 @@ _REMEDIES = (
 
 @dataclass(frozen=True)
 class CollapseReport:
-    """Why :class:`SwAVHealthMonitor` suspects collapse at the end of an epoch (``trainer.state.collapse_report``)."""
+    """Why :class:`SwAVHealthMonitor` suspects collapse at the end of an epoch (``trainer.state.collapse_report``).
+
+    Example:
+        >>> from ignite_swav import CollapseReport
+        >>> report = CollapseReport(7, "queue", "the loss rose", True, ("use a shorter queue", "lower the lr"))
+        >>> print(report.message())
+        SwAV collapse suspected at epoch 7: the loss rose. The queue is the likely cause: it came in just before. \
+Try, in this order: (1) use a shorter queue; (2) lower the lr.
+    """
 
     epoch: int
     #: ``"collapse"``: the signature (codes near uniform, loss near ln K) holds and does not improve, or came back;
@@ -72,6 +80,15 @@ def diagnose(
       ln K) or *comes back* after an epoch without it. Once per episode: no new alarm until an epoch without it.
     - **queue rise**: in the first ``queue_window`` epochs whose codes used the queue, ``loss_over_lnk`` rose by
       ``queue_rise`` or more above the last epoch before the queue. Once per run.
+
+    Example:
+        >>> from ignite_swav import diagnose
+        >>> def epoch(n, entropy, loss):
+        ...     return {"epoch": n, "prototype_usage": 0.01, "code_entropy": entropy, "loss_over_lnk": loss}
+        >>> print(diagnose([epoch(1, 0.97, 1.01), epoch(2, 0.96, 0.93)]))  # at init, but improving
+        None
+        >>> diagnose([epoch(1, 0.97, 1.01), epoch(2, 0.98, 1.02)]).kind  # stuck at ln K
+        'collapse'
     """
     if not history:
         return None
@@ -143,7 +160,7 @@ class SwAVHealthMonitor(Serializable):
 
     Then :func:`diagnose` looks at the history of these figures; when it suspects collapse, the trainer fires
     :attr:`SwAVEvents.COLLAPSE_SUSPECTED` with the :class:`CollapseReport` in ``trainer.state.collapse_report``,
-    and one warning is logged (once per episode) naming the evidence and the remedies in order. A randomly
+    and one warning is logged (once per episode, by rank 0) naming the evidence and the remedies in order. A randomly
     initialised network looks collapsed too (its codes are near uniform and its loss near ln K), so levels
     alone never alarm: see :func:`diagnose` for the rules. The defaults come from the main job's runs (the
     numbers are in ``docs/main-job.md``). Attach it before the loggers that read its metrics; put it in the
@@ -288,7 +305,8 @@ class SwAVHealthMonitor(Serializable):
         if report is not None:
             self.history[-1]["alarm"] = True
             engine.state.collapse_report = report
-            self.logger.warning(report.message())
+            if idist.get_rank() == 0:  # one warning for the run: every rank has the same figures
+                self.logger.warning(report.message())
             engine.fire_event(SwAVEvents.COLLAPSE_SUSPECTED)
 
     def state_dict(self) -> dict[str, Any]:
@@ -297,12 +315,19 @@ class SwAVHealthMonitor(Serializable):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the history of :meth:`state_dict`, so that a resumed run keeps its trends."""
-        super().load_state_dict(state_dict)
+        self.history = self.validate_state_dict(state_dict)
+
+    def validate_state_dict(self, state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Check ``state_dict`` as :meth:`load_state_dict` would, changing nothing; returns its history."""
+        Serializable.load_state_dict(self, state_dict)  # Ignite's checks: a mapping with the required keys
         history = state_dict["history"]
         keys = {"epoch", *METRIC_NAMES, "queue_used", "alarm"}
         if not isinstance(history, list) or not all(isinstance(r, Mapping) and keys <= set(r) for r in history):
             raise ValueError(f"the health monitor's state must hold a list of per-epoch records with {sorted(keys)}")
-        self.history = [dict(r) for r in history]
+        for record in history:
+            if not all(isinstance(record[k], (int, float)) and not isinstance(record[k], bool) for k in METRIC_NAMES):
+                raise ValueError("the health monitor's records must hold numbers for " + ", ".join(METRIC_NAMES))
+        return [dict(r) for r in history]
 
 
 def _fraction(name: str, value: object, upper: float | None, zero: bool = False) -> float:

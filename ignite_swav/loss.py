@@ -27,7 +27,19 @@ _SMALLEST_DIVISOR = 1e-30
 
 class SwAVLossStep(NamedTuple):
     """What one :class:`SwAVLoss` call computed, detached, on the device (nothing is read back): read by
-    :class:`~ignite_swav.SwAVHealthMonitor`."""
+    :class:`~ignite_swav.SwAVHealthMonitor`.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from ignite_swav import SwAVLoss
+        >>> loss_fn, prototypes = SwAVLoss(), F.normalize(torch.randn(10, 4), dim=1)
+        >>> z = [F.normalize(torch.randn(8, 4), dim=1) for _ in range(2)]
+        >>> _ = loss_fn(scores=[e @ prototypes.t() for e in z], embeddings=z, prototypes=prototypes)
+        >>> step = loss_fn.last_step
+        >>> step.codes.shape, torch.allclose(step.codes.sum(dim=2), torch.ones(2, 8))
+        (torch.Size([2, 8, 10]), True)
+    """
 
     loss: Tensor  #: the scalar loss
     codes: Tensor  #: ``(len(crops_for_assign), B, K)`` Sinkhorn codes of the assigned crops

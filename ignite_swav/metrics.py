@@ -16,6 +16,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
+from ignite_swav._distributed import gather_rows
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav.engine import _autocast_dtype, _device_type
 
@@ -52,7 +53,7 @@ def _extract(
         labels.append(targets.to(features[-1].device))
     if not features:
         raise ValueError("the loader gave no batch: features need at least one labelled image")
-    return _gather_rows(torch.cat(features)), _gather_rows(torch.cat(labels).long())
+    return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels).long())
 
 
 def _autocast(amp_mode: str | None, device: str | torch.device | None) -> tuple[str, torch.dtype | None]:
@@ -90,16 +91,6 @@ def extract_features(
         return _extract(backbone, loader, device, non_blocking, prepare_batch, model_transform)
     finally:
         backbone.train(was_training)
-
-
-def _gather_rows(tensor: Tensor) -> Tensor:
-    """The rows of every rank, in rank order; ranks may hold different numbers of rows."""
-    # Not idist.all_gather_tensors_with_shapes: it indexes with a list, which torch deprecates (a warning per call).
-    counts = idist.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = idist.all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
-    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
 
 @torch.no_grad()

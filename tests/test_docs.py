@@ -30,6 +30,15 @@ def test_every_python_block_of_the_readme_runs_as_written(tmp_path: Path, monkey
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
 
 
+def test_every_python_block_of_the_after_training_guide_runs_as_written(tmp_path: Path, monkeypatch):
+    blocks = python_blocks(ROOT / "docs" / "after-training.md")
+    assert len(blocks) >= 4, "a snippet for each of the four tools"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "after_training"}
+    for block in blocks:
+        exec(compile(block, "after-training.md", "exec"), namespace)  # noqa: S102 - the guide's own code
+
+
 def test_the_api_reference_lists_every_public_name():
     import ignite_swav
 
@@ -42,7 +51,8 @@ def test_the_api_reference_lists_every_public_name():
 
 def test_the_guides_exist_and_the_index_lists_them():
     index = (ROOT / "docs" / "index.rst").read_text()
-    for guide in ("queue-and-checkpoints", "distributed", "recipes", "augmentation", "main-job", "internals"):
+    guides = ("queue-and-checkpoints", "after-training", "troubleshooting", "distributed", "recipes", "augmentation")
+    for guide in (*guides, "main-job", "internals"):
         assert (ROOT / "docs" / f"{guide}.md").is_file() and guide in index
 
 

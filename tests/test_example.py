@@ -42,16 +42,25 @@ def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys)
     for key in ("knn_top1", "knn_top1_random_init", "knn_top1_raw_pixels", "epochs", "images_per_s", "history"):
         assert key in res
     assert res["epochs"] == 2 and len(res["history"]) == 2
+    # the health monitor's figures every epoch, and no alarm on this short healthy run
+    for record in res["history"]:
+        assert 0 < record["prototype_usage"] <= 1 and 0 <= record["code_entropy"] <= 1 and record["loss_over_lnk"] > 0
+    assert res["collapse_alarms"] == []
+    # the online linear probe, scored with the k-NN probe, and the clusters against k-means on pixels
+    assert 0 <= res["online_linear_top1"] <= 1 and "online_linear_top1" in res["history"][-1]
+    assert 0 <= res["cluster_nmi"] <= 1 and 0 < res["cluster_nmi_kmeans_raw_pixels"] <= 1
     assert res["queue_used"]  # queue of 32 rows, 16 per step: used from the third step
     assert 0 < res["knn_top1"] <= 1 and 0.9 < res["knn_top1_raw_pixels"] <= 1
     assert (output / "history.png").stat().st_size > 0
     assert any((output / "tensorboard").iterdir())  # Ignite's TensorboardLogger: tensorboard is in the test extra
     assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
     checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
-    assert set(checkpoint) == set(train_swav.CHECKPOINT_KEYS)
+    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe"}
     assert checkpoint["queue_handler"]["queue"].shape == (2, 32, 16)
     printed = capsys.readouterr().out
     assert "kNN top-1 0." in printed and "random init" in printed and "raw pixels" in printed
+    assert "prototypes used 0." in printed and "code entropy 0." in printed and "online linear top-1 0." in printed
+    assert "clusters (NMI with the labels): SwAV prototypes 0." in printed
 
 
 def test_resume_continues_the_run_with_its_queue_and_history(tmp_path: Path):
@@ -80,6 +89,43 @@ def test_linear_eval_reads_a_checkpoint(tmp_path: Path, capsys):
     figures = json.loads(out_file.read_text())
     assert 0 < figures["linear_top1"] <= 1 and 0 < figures["linear_top1_random_init"] <= 1
     assert "linear probe top-1" in capsys.readouterr().out
+
+
+def test_export_backbone_writes_what_torchvision_loads(tmp_path: Path, capsys):
+    import export_backbone
+    from torchvision.models import resnet18
+
+    status, output = run(tmp_path, "--epochs", "1")  # digits: a torchvision resnet18 with the standard stem
+    assert status == 0
+    target = tmp_path / "resnet18.pt"
+    assert export_backbone.main([str(checkpoints(output)[-1]), str(target)]) == 0
+    assert "checked against torchvision's resnet18" in capsys.readouterr().out
+    result = resnet18().load_state_dict(torch.load(target, weights_only=True), strict=False)
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and not result.unexpected_keys
+    # another architecture: one line, nothing written
+    assert export_backbone.main([str(checkpoints(output)[-1]), str(tmp_path / "x.pt"), "--arch", "resnet50"]) == 2
+    assert "does not load into torchvision's resnet50" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_linear_eval_and_export_read_a_facebookresearch_release(tmp_path: Path, capsys):
+    import export_backbone
+    from test_pretrained import released_checkpoint
+
+    release = tmp_path / "swav_release.pth.tar"
+    torch.save(released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30,)), release)
+    out_file = tmp_path / "linear.json"
+    argv = ["--checkpoint", str(release), "--dataset", "digits", "--arch", "resnet18", "--epochs", "5"]
+    assert linear_eval.main([*argv, "--output", str(out_file)]) == 0
+    figures = json.loads(out_file.read_text())
+    assert 0 < figures["linear_top1"] <= 1 and figures["epochs_pretrained"] is None
+    # a release names no data set: it must be given
+    assert linear_eval.main(["--checkpoint", str(release)]) == 2
+    assert "names no data set: pass --dataset" in capsys.readouterr().err
+    # a release of another architecture than --arch: one line
+    assert linear_eval.main(["--checkpoint", str(release), "--dataset", "digits"]) == 2
+    assert "does not hold a resnet50 backbone" in capsys.readouterr().err
+    assert export_backbone.main([str(release), str(tmp_path / "b.pt"), "--arch", "resnet18"]) == 0
 
 
 def test_train_linear_separates_separable_features():
@@ -286,7 +332,10 @@ def test_linear_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path, cap
     path = tmp_path / "x.pt"
     torch.save({"a": torch.zeros(1)}, path)
     assert linear_eval.main(["--checkpoint", str(path)]) == 2
-    assert "not a checkpoint written by train_swav.py" in capsys.readouterr().err
+    assert (
+        "is neither a checkpoint written by train_swav.py nor a facebookresearch/swav release"
+        in capsys.readouterr().err
+    )
 
 
 def test_linear_eval_refuses_a_checkpoint_of_a_model_it_does_not_build(tmp_path: Path, capsys):

@@ -1,0 +1,263 @@
+"""A linear classifier trained beside SwAV on the backbone's features, to see linear accuracy while pretraining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite import distributed as idist
+from ignite.base import Serializable
+from ignite.engine import Engine, Events, _prepare_batch
+from ignite.metrics import Accuracy
+from torch import Tensor, nn
+
+from ignite_swav._validation import check_int, check_positive_float
+from ignite_swav._wrappers import unwrap_model
+
+__all__ = ["OnlineLinearProbe"]
+
+
+def _labels_of_batch(batch: Any) -> Any:
+    # the target of a (crops or images, target) pair, as torchvision data sets and our collates give
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[1]
+    return None
+
+
+class OnlineLinearProbe(Serializable):
+    """A linear classifier on the detached backbone features of the first crop, trained at every iteration of
+    the SwAV trainer with its own optimizer on the batch's labels (no gradient reaches the backbone, and its
+    parameters are not the SwAV optimizer's), evaluated as an Ignite metric.
+
+    ``attach(trainer)`` puts a forward hook on the backbone that keeps the features of its first call in each
+    iteration (SwAVModel runs the large crops first; the first ``B`` rows are the first crop), then after the
+    step trains the classifier on them, L2-normalised, against ``label_fn(trainer)`` (by default the target of
+    the trainer's ``(crops, target)`` batch) with cross-entropy and Adam. On several processes the classifier's
+    gradients are averaged over the ranks, so every rank holds the same classifier. Nothing is read from the
+    device (the labels' range is checked once, in the first iteration).
+
+    Its accuracy: :meth:`attach_metric` adds an ``Accuracy`` to an evaluator whose output is ``(features,
+    labels)``, such as :func:`~ignite_swav.create_knn_evaluator`'s (the k-NN pass then scores the probe too), and
+    :meth:`create_evaluator` builds a small evaluator of its own. It is :class:`Serializable`: put it in the
+    ``Checkpoint`` to resume it.
+
+    Args:
+        backbone: the backbone of the SwAV model (``SwAVModel.backbone``), whose output is ``(N, F)`` features
+            (or ``(N, F, 1, 1)``).
+        num_classes: number of classes of the labels.
+        lr: learning rate of the classifier's Adam.
+        weight_decay: weight decay of the classifier's Adam.
+        label_fn: ``engine -> labels`` of the current iteration.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import OnlineLinearProbe, SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes
+        >>> from ignite_swav import create_swav_trainer
+        >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))
+        >>> model = SwAVModel(backbone, SwAVProjectionHead(8, 16, 4), SwAVPrototypes(4, 10))
+        >>> trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), SwAVLoss())
+        >>> probe = OnlineLinearProbe(model.backbone, num_classes=3)
+        >>> probe.attach(trainer)
+        >>> crops = [torch.randn(4, 3, 16, 16)] * 2
+        >>> _ = trainer.run([(crops, torch.tensor([0, 1, 2, 0]))] * 2, max_epochs=1)
+        >>> heldout = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
+        >>> 0 <= probe.create_evaluator().run(heldout).metrics["online_linear_top1"] <= 1
+        True
+    """
+
+    _state_dict_all_req_keys = ("classifier", "optimizer")
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        label_fn: Callable[[Engine], Any] = lambda engine: _labels_of_batch(engine.state.batch),
+    ) -> None:
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a torch.nn.Module (SwAVModel.backbone), got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.lr = check_positive_float("lr", lr)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+        if not callable(label_fn):
+            raise TypeError(f"label_fn must be callable (engine -> labels), got {type(label_fn).__name__}")
+        self.label_fn = label_fn
+        #: the classifier (a Linear on L2-normalised features), created at the first features
+        self.classifier: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._features: Tensor | None = None
+        self._armed = False
+        self._labels_checked = False
+        self._engine: Engine | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        """Train the probe at every iteration of ``trainer`` (the engine that runs ``backbone``)."""
+        if not isinstance(trainer, Engine):
+            raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
+        if self._engine is not None:
+            raise ValueError("this OnlineLinearProbe is already attached; make one per trainer")
+        self._engine = trainer
+        unwrap_model(self.backbone).register_forward_hook(self._keep_first_features)
+        trainer.add_event_handler(Events.ITERATION_STARTED, self._arm)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.train_step)
+
+    def _arm(self, _: Engine) -> None:
+        self._armed, self._features = True, None
+
+    def _keep_first_features(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._armed and isinstance(output, Tensor):
+            self._armed, self._features = False, output.detach()
+
+    def _build(self, in_features: int, device: torch.device) -> None:
+        self.classifier = nn.Linear(in_features, self.num_classes).to(device)
+        if idist.get_world_size() > 1:  # the same start on every rank
+            for parameter in self.classifier.parameters():
+                parameter.data.copy_(idist.broadcast(parameter.data, src=0))
+        self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_step(self, engine: Engine) -> None:
+        """``ITERATION_COMPLETED``: one optimizer step of the classifier on this iteration's first crop."""
+        labels = self.label_fn(engine)
+        if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
+            described = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            described = "no labels in the trainer's batch" if labels is None else described
+            raise ValueError(
+                f"OnlineLinearProbe needs a 1-D tensor of integer labels for each batch, got {described}: attach it "
+                "only when the data set has labels (or pass label_fn)"
+            )
+        features = self._features
+        self._features = None
+        if features is None:
+            raise ValueError(
+                "OnlineLinearProbe saw no call of its backbone in this iteration: attach it to the trainer that "
+                "runs that backbone"
+            )
+        features = features.flatten(1)
+        batch = labels.shape[0]
+        if batch == 0 or features.shape[0] % batch != 0:
+            raise ValueError(
+                f"the backbone's first call gave {features.shape[0]} rows for a batch of {batch} labels: expected a "
+                "multiple (the first crops of the batch, concatenated)"
+            )
+        labels = labels.to(features.device)
+        if not self._labels_checked:  # once: a label out of range would fail inside torch's cross-entropy
+            self._labels_checked = True
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"OnlineLinearProbe(num_classes={self.num_classes}) got labels from {low} to {high}: labels must "
+                    f"lie in 0..{self.num_classes - 1} (a data set without labels, such as STL-10's unlabeled split, "
+                    "marks them -1)"
+                )
+        if self.classifier is None:
+            self._build(features.shape[1], features.device)
+        assert self.classifier is not None and self.optimizer is not None
+        with torch.enable_grad():
+            self.classifier.train()
+            logits = self.classifier(F.normalize(features[:batch].float(), dim=1))
+            loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if idist.get_world_size() > 1:
+            for parameter in self.classifier.parameters():
+                parameter.grad = idist.all_reduce(parameter.grad) / idist.get_world_size()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def predict(self, features: Tensor) -> Tensor:
+        """Class logits of ``(N, F)`` backbone features (normalised here, as in training)."""
+        if self.classifier is None:
+            raise RuntimeError("OnlineLinearProbe has not been trained yet: attach it to the trainer and run it")
+        return self.classifier(F.normalize(features.flatten(1).float(), dim=1).to(self.classifier.weight.device))
+
+    def attach_metric(
+        self,
+        evaluator: Engine,
+        name: str = "online_linear_top1",
+        output_transform: Callable[[Any], tuple[Tensor, Tensor]] = lambda output: output,
+    ) -> None:
+        """Add the probe's top-1 as ``evaluator.state.metrics[name]``; ``output_transform`` maps the evaluator's
+        output to ``(features, labels)`` (the identity for :func:`~ignite_swav.create_knn_evaluator`)."""
+
+        def logits_and_labels(output: Any) -> tuple[Tensor, Tensor]:
+            features, labels = output_transform(output)
+            logits = self.predict(features)
+            return logits, labels.to(logits.device)
+
+        Accuracy(output_transform=logits_and_labels).attach(evaluator, name)
+
+    def create_evaluator(
+        self,
+        device: str | torch.device | None = None,
+        prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+        name: str = "online_linear_top1",
+    ) -> Engine:
+        """An evaluator of the probe: ``evaluator.run(data).metrics[name]`` is its top-1 on ``data`` (batches
+        that ``prepare_batch`` turns into ``(images, labels)``), the backbone in eval mode (its mode restored
+        after)."""
+
+        @torch.no_grad()
+        def step(engine: Engine, batch: Any) -> tuple[Tensor, Tensor]:
+            x, y = prepare_batch(batch, device=device, non_blocking=False)
+            return self.backbone(x), y
+
+        evaluator = Engine(step)
+        modes: dict[str, bool] = {}
+        evaluator.add_event_handler(Events.STARTED, lambda _: modes.update(was=self.backbone.training))
+        evaluator.add_event_handler(Events.STARTED, lambda _: self.backbone.eval())
+        evaluator.add_event_handler(Events.COMPLETED, lambda _: self.backbone.train(modes["was"]))
+        self.attach_metric(evaluator, name)
+        return evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The classifier's and its optimizer's state (``None`` before the first step)."""
+        return {
+            "classifier": None if self.classifier is None else self.classifier.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+        }
+
+    def validate_state_dict(self, state_dict: Any) -> None:
+        """Check ``state_dict`` as :meth:`load_state_dict` would, changing nothing."""
+        Serializable.load_state_dict(self, state_dict)  # Ignite's checks: a mapping with the required keys
+        classifier = state_dict["classifier"]
+        if classifier is None:
+            return
+        weight = classifier.get("weight") if isinstance(classifier, Mapping) else None
+        bias = classifier.get("bias") if isinstance(classifier, Mapping) else None
+        if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[0] != self.num_classes:
+            shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
+            raise ValueError(
+                f"the probe's state holds a classifier of shape {shape}, expected ({self.num_classes}, features)"
+            )
+        if not isinstance(bias, Tensor) or bias.shape != (self.num_classes,) or set(classifier) != {"weight", "bias"}:
+            raise ValueError(f"the probe's classifier state must hold 'weight' and a ({self.num_classes},) 'bias'")
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise ValueError("the probe's classifier holds NaN or infinite values")
+        optimizer = state_dict["optimizer"]
+        if optimizer is not None and not (
+            isinstance(optimizer, Mapping) and {"state", "param_groups"} <= set(optimizer)
+        ):
+            raise ValueError(
+                "the probe's optimizer state must be an optimizer state dict with 'state' and 'param_groups'"
+            )
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Restore :meth:`state_dict` (the classifier is created with the saved width)."""
+        self.validate_state_dict(state_dict)
+        classifier = state_dict["classifier"]
+        if classifier is None:
+            self.classifier = self.optimizer = None
+            return
+        weight = classifier["weight"]
+        device = next((p.device for p in self.backbone.parameters()), torch.device("cpu"))
+        self._build(weight.shape[1], device)
+        assert self.classifier is not None and self.optimizer is not None
+        self.classifier.load_state_dict(classifier)
+        if state_dict["optimizer"] is not None:
+            self.optimizer.load_state_dict(state_dict["optimizer"])

@@ -1,0 +1,194 @@
+"""Weights in (the released SwAV checkpoints) and out (backbones for torchvision and timm)."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from ignite_swav import (
+    SwAVModel,
+    SwAVProjectionHead,
+    SwAVPrototypes,
+    export_backbone,
+    load_official_checkpoint,
+)
+
+
+def released_checkpoint(arch="resnet50", hidden=2048, out=128, prototypes=(3000,), seed=0, head=True):
+    """A state dict in the layout of facebookresearch/swav's releases, from random weights: a torchvision
+    backbone without fc, projection_head.0/1/3, prototypes (several heads as MultiPrototypes), keys prefixed
+    'module.'."""
+    torch.manual_seed(seed)
+    backbone = getattr(models, arch)()
+    width = backbone.fc.in_features
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    if head:
+        state["projection_head.0.weight"] = torch.randn(hidden, width) / width**0.5
+        state["projection_head.0.bias"] = torch.randn(hidden) * 0.1
+        state["projection_head.1.weight"] = torch.rand(hidden) + 0.5
+        state["projection_head.1.bias"] = torch.randn(hidden) * 0.1
+        state["projection_head.1.running_mean"] = torch.randn(hidden) * 0.1
+        state["projection_head.1.running_var"] = torch.rand(hidden) + 0.5
+        state["projection_head.1.num_batches_tracked"] = torch.tensor(1000)
+        state["projection_head.3.weight"] = torch.randn(out, hidden) / hidden**0.5
+        state["projection_head.3.bias"] = torch.randn(out) * 0.1
+        if len(prototypes) == 1:
+            state["prototypes.weight"] = F.normalize(torch.randn(prototypes[0], out), dim=1)
+        else:
+            for i, k in enumerate(prototypes):
+                state[f"prototypes.prototypes{i}.weight"] = F.normalize(torch.randn(k, out), dim=1)
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+def by_hand(state, images, prototype_key="prototypes.weight"):
+    """Backbone features, embeddings and scores computed from the released tensors directly: torchvision's
+    ResNet for the backbone (checked against the reference's padding below), then the head's formulas."""
+    weights = {k[len("module.") :]: v for k, v in state.items()}
+    backbone = models.resnet50()
+    backbone.fc = nn.Identity()
+    backbone.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("projection_head", "prototypes"))})
+    features = backbone.eval()(images)
+    h = features @ weights["projection_head.0.weight"].t() + weights["projection_head.0.bias"]
+    h = (h - weights["projection_head.1.running_mean"]) / torch.sqrt(weights["projection_head.1.running_var"] + 1e-5)
+    h = torch.relu(h * weights["projection_head.1.weight"] + weights["projection_head.1.bias"])
+    z = F.normalize(h @ weights["projection_head.3.weight"].t() + weights["projection_head.3.bias"], dim=1)
+    return features, z, z @ weights[prototype_key].t()
+
+
+def test_the_reference_padding_is_torchvisions():
+    # the reference pads the input by 1 and its first convolution by 2; torchvision pads the convolution by 3
+    conv = models.resnet50().conv1
+    x = torch.randn(2, 3, 32, 32)
+    reference = F.conv2d(F.pad(x, (1, 1, 1, 1)), conv.weight, stride=2, padding=2)
+    assert torch.allclose(reference, conv(x), atol=1e-5)
+
+
+def test_a_released_checkpoint_file_gives_the_features_embeddings_and_scores_of_its_tensors(tmp_path):
+    state = released_checkpoint()
+    torch.save(state, tmp_path / "swav_800ep_pretrain.pth.tar")
+    model = load_official_checkpoint(tmp_path / "swav_800ep_pretrain.pth.tar", require_head=True)
+    assert isinstance(model.backbone, models.ResNet) and not model.training
+    assert model.prototypes.weight.shape == (3000, 128)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features, embeddings, scores = by_hand(state, images)
+        (got_embeddings,), (got_scores,) = model([images])
+        got_features = model.backbone(images)
+    assert torch.allclose(got_features, features, atol=1e-5)
+    assert torch.allclose(got_embeddings, embeddings, atol=1e-5)
+    assert torch.allclose(got_scores, scores, atol=1e-5)
+
+
+def test_a_main_swav_checkpoint_and_several_prototype_heads():
+    state = released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30, 40, 50))
+    model = load_official_checkpoint({"epoch": 3, "state_dict": state}, arch="resnet18", prototype_head=1)
+    assert torch.equal(model.prototypes.weight, state["module.prototypes.prototypes1.weight"])
+    with pytest.raises(ValueError, match=r"prototype_head=3, but the checkpoint holds prototype heads 0..2"):
+        load_official_checkpoint(state, arch="resnet18", prototype_head=3)
+
+
+def test_a_backbone_only_release_gets_a_fresh_head_or_a_clear_error(caplog):
+    state = released_checkpoint(arch="resnet18", head=False)
+    with caplog.at_level(logging.WARNING):
+        model = load_official_checkpoint(state, arch="resnet18")
+    assert "holds no projection head and no prototypes: initialised at random" in caplog.text
+    assert torch.equal(model.backbone.conv1.weight, state["module.conv1.weight"])
+    assert model.prototypes.weight.shape == (3000, 128)
+    with pytest.raises(ValueError, match=r"holds no projection head and no prototypes .*require_head=True"):
+        load_official_checkpoint(state, arch="resnet18", require_head=True)
+
+
+def test_a_checkpoint_of_another_architecture_is_named():
+    state = released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30,))
+    with pytest.raises(
+        ValueError, match=r"does not hold a resnet50 backbone.*missing keys of resnet50: 'layer1.0.conv3"
+    ):
+        load_official_checkpoint(state, arch="resnet50")
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda s: s | {"module.linear.weight": torch.zeros(2, 2)},
+            r"keys unknown to torchvision's resnet18: 'linear.weight'",
+        ),
+        (lambda s: s | {"module.epoch": 3}, r"entries that are not tensors \('module.epoch'\)"),
+        (lambda s: {}, "it holds nothing"),
+        (
+            lambda s: s | {"module.prototypes.weight": torch.zeros(30, 8)},
+            r"prototypes are \(30, 8\), expected \(K, 16\)",
+        ),
+        (
+            lambda s: s | {"module.projection_head.0.weight": torch.zeros(64, 3)},
+            r"'projection_head.0.weight' is \(64, 3\)",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_refused_in_one_line(mutate, message):
+    state = mutate(released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30,)))
+    with pytest.raises(ValueError, match=message):
+        load_official_checkpoint(state, arch="resnet18")
+
+
+def test_bad_arguments_are_refused():
+    state = released_checkpoint(arch="resnet18", head=False)
+    with pytest.raises(ValueError, match=r"arch='resnet_51' is not a torchvision model builder"):
+        load_official_checkpoint(state, arch="resnet_51")
+    with pytest.raises(TypeError, match="source must be a path or a state dict, got int"):
+        load_official_checkpoint(3)
+    with pytest.raises(ValueError, match="prototype_head must be an integer >= 0, got -1"):
+        load_official_checkpoint(state, arch="resnet18", prototype_head=-1)
+
+
+def swav_resnet18(seed=0):
+    torch.manual_seed(seed)
+    backbone = models.resnet18()
+    backbone.fc = nn.Identity()
+    return SwAVModel(backbone, SwAVProjectionHead(512, 64, 16), SwAVPrototypes(16, 30))
+
+
+def test_a_backbone_exported_for_torchvision_gives_the_same_features(tmp_path):
+    model = swav_resnet18()
+    export_backbone(model, tmp_path / "backbone.pt", arch="resnet18")
+    state = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    loaded = models.resnet18()
+    result = loaded.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
+    loaded.fc = nn.Identity()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(images), model.backbone.eval()(images), atol=1e-6)
+
+
+def test_a_backbone_exported_for_timm_gives_the_same_features(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = swav_resnet18()
+    # from a checkpoint file as the example writes it, through DDP-free loading
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pt")
+    export_backbone(tmp_path / "checkpoint.pt", tmp_path / "timm.pt", format="timm", arch="resnet18")
+    loaded = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    loaded.load_state_dict(torch.load(tmp_path / "timm.pt", weights_only=True), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(images), model.backbone.eval()(images), atol=1e-5)
+
+
+def test_a_backbone_that_does_not_match_is_refused_before_anything_is_written(tmp_path):
+    model = swav_resnet18()
+    with pytest.raises(ValueError, match=r"does not load into torchvision's resnet50: missing 'layer1.0.conv3.weight'"):
+        export_backbone(model, tmp_path / "out.pt", arch="resnet50")
+    with pytest.raises(ValueError, match=r"does not load into timm's resnet34 \(num_classes=0\): missing"):
+        export_backbone(model, tmp_path / "out.pt", format="timm", arch="resnet34")
+    with pytest.raises(ValueError, match=r"arch='no_such_net' is not a timm model name"):
+        export_backbone(model, tmp_path / "out.pt", format="timm", arch="no_such_net")
+    with pytest.raises(ValueError, match=r"format must be one of \('torchvision', 'timm'\), got 'onnx'"):
+        export_backbone(model, tmp_path / "out.pt", format="onnx")
+    with pytest.raises(ValueError, match="holds no 'backbone.' weights"):
+        export_backbone({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "out.pt")
+    with pytest.raises(TypeError, match=r"a SwAVModel \(with a .backbone\) is expected, got Linear"):
+        export_backbone(nn.Linear(2, 2), tmp_path / "out.pt")
+    assert list(tmp_path.iterdir()) == []

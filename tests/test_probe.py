@@ -1,0 +1,137 @@
+"""OnlineLinearProbe: trained beside SwAV without touching it, evaluated as an Ignite metric, saved, on two ranks."""
+
+import ignite.distributed as idist
+import pytest
+import torch
+from helpers import tiny_swav_model
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+
+from ignite_swav import OnlineLinearProbe, SwAVLoss, create_knn_evaluator, create_swav_trainer
+
+
+def labelled_crops(num_batches=6, batch=16, seed=0):
+    """Crops of images whose class (0, 1, 2) sets their colour: linearly separable features."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        colour = torch.eye(3)[labels].view(batch, 3, 1, 1) * 2
+        crops = [colour + 0.3 * torch.randn(batch, 3, size, size, generator=g) for size in (16, 16, 8)]
+        batches.append((crops, labels))
+    return batches
+
+
+def heldout(seed=9):
+    return [(crops[0], labels) for crops, labels in labelled_crops(2, seed=seed)]
+
+
+def trainer_with_probe(seed=0, lr=0.05):
+    model = tiny_swav_model(seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    trainer = create_swav_trainer(model, optimizer, SwAVLoss())
+    probe = OnlineLinearProbe(model.backbone, num_classes=3, lr=0.05)
+    probe.attach(trainer)
+    return trainer, model, optimizer, probe
+
+
+def test_the_probe_learns_the_labels_and_is_scored_on_held_out_images():
+    trainer, model, optimizer, probe = trainer_with_probe()
+    trainer.run(labelled_crops(), max_epochs=4)
+    accuracy = probe.create_evaluator().run(heldout()).metrics["online_linear_top1"]
+    assert accuracy >= 0.9
+    assert model.training, "the evaluator restores the backbone's mode"
+    probe_parameters = {id(p) for p in probe.classifier.parameters()}
+    assert not probe_parameters & {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_the_probe_sends_no_gradient_into_the_backbone():
+    trainer, model, _, probe = trainer_with_probe(lr=0.0)
+    grads = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)  # after the probe's step (attached first)
+    def keep(_):
+        grads.update({n: p.grad.clone() for n, p in model.backbone.named_parameters()})
+
+    trainer.run(labelled_crops(1), max_epochs=1)
+    # the same step again without the probe: the same backbone gradients
+    fresh = tiny_swav_model(seed=0)
+    trainer2 = create_swav_trainer(fresh, torch.optim.SGD(fresh.parameters(), lr=0.0), SwAVLoss())
+    trainer2.run(labelled_crops(1), max_epochs=1)
+    for name, parameter in fresh.backbone.named_parameters():
+        assert torch.equal(parameter.grad, grads[name]), name
+
+
+def test_the_probe_is_scored_in_the_knn_evaluators_pass():
+    trainer, model, _, probe = trainer_with_probe()
+    trainer.run(labelled_crops(), max_epochs=2)
+    evaluator = create_knn_evaluator(model.backbone, heldout(seed=5), k=3)
+    probe.attach_metric(evaluator)
+    metrics = evaluator.run(heldout()).metrics
+    assert set(metrics) == {"knn_top1", "online_linear_top1"}
+    assert metrics["online_linear_top1"] == probe.create_evaluator().run(heldout()).metrics["online_linear_top1"]
+
+
+def test_the_probe_resumes_from_a_checkpoint(tmp_path):
+    trainer, model, optimizer, probe = trainer_with_probe()
+    to_save = {"model": model, "optimizer": optimizer, "trainer": trainer, "probe": probe}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False)))
+    trainer.run(labelled_crops(), max_epochs=1)
+    restored = OnlineLinearProbe(tiny_swav_model(seed=0).backbone, num_classes=3)
+    Checkpoint.load_objects({"probe": restored}, str(tmp_path / "checkpoint_6.pt"))
+    features = torch.randn(4, 16)
+    assert torch.equal(restored.predict(features), probe.predict(features))
+    assert restored.optimizer.state_dict()["state"].keys() == probe.optimizer.state_dict()["state"].keys()
+    with pytest.raises(ValueError, match=r"classifier of shape \(5, 16\), expected \(3, features\)"):
+        restored.load_state_dict({"classifier": {"weight": torch.zeros(5, 16)}, "optimizer": None})
+
+
+def test_a_data_set_without_labels_is_one_clear_error():
+    trainer, *_ = trainer_with_probe()
+    crops_only = [crops for crops, _ in labelled_crops(1)]
+    with pytest.raises(
+        ValueError,
+        match="OnlineLinearProbe needs a 1-D tensor of integer labels for each batch, got no labels in the trainer",
+    ):
+        trainer.run(crops_only, max_epochs=1)
+    trainer, *_ = trainer_with_probe()
+    unlabeled = [(crops, torch.full_like(labels, -1)) for crops, labels in labelled_crops(1)]  # STL-10's marks
+    with pytest.raises(ValueError, match=r"got labels from -1 to -1: labels must lie in 0..2"):
+        trainer.run(unlabeled, max_epochs=1)
+
+
+def test_bad_settings_and_uses_are_refused():
+    backbone = tiny_swav_model().backbone
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2, got 1"):
+        OnlineLinearProbe(backbone, num_classes=1)
+    with pytest.raises(TypeError, match="backbone must be a torch.nn.Module"):
+        OnlineLinearProbe("resnet", num_classes=3)
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        OnlineLinearProbe(backbone, num_classes=3, lr=0)
+    with pytest.raises(RuntimeError, match="has not been trained yet"):
+        OnlineLinearProbe(backbone, num_classes=3).predict(torch.zeros(2, 16))
+    probe = OnlineLinearProbe(backbone, num_classes=3)
+    probe.attach(Engine(lambda e, b: None))
+    with pytest.raises(ValueError, match="already attached"):
+        probe.attach(Engine(lambda e, b: None))
+    # attached to an engine that does not run the backbone
+    lonely = OnlineLinearProbe(tiny_swav_model().backbone, num_classes=3)
+    engine = Engine(lambda e, b: None)
+    lonely.attach(engine)
+    with pytest.raises(ValueError, match="saw no call of its backbone in this iteration"):
+        engine.run([(torch.zeros(2), torch.tensor([0, 1]))], max_epochs=1)
+
+
+def _two_rank_worker(rank):
+    torch.manual_seed(rank)  # other classifier initialisations: the probe broadcasts rank 0's
+    model = idist.auto_model(tiny_swav_model(seed=0))
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), SwAVLoss())
+    probe = OnlineLinearProbe(model.module.backbone if hasattr(model, "module") else model.backbone, num_classes=3)
+    probe.attach(trainer)
+    trainer.run(labelled_crops(seed=rank), max_epochs=2)
+    weights = idist.all_gather(probe.classifier.weight.detach().unsqueeze(0))
+    assert torch.allclose(weights[0], weights[1]), "every rank holds the same classifier"
+
+
+def test_two_ranks_train_one_classifier():
+    idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)

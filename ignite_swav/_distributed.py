@@ -5,9 +5,12 @@ On one process none of them communicates.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from ignite import distributed as idist
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 
 def values_by_rank(values: list[int]) -> list[tuple[int, ...]]:
@@ -64,3 +67,17 @@ def gather_rows(tensor: Tensor) -> Tensor:
     padded[: tensor.shape[0]] = tensor
     gathered = idist.all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+
+
+def real_rows_of_rank(loader: Any) -> int | None:
+    """How many of the rows this rank's ``loader`` gives are real samples when its sampler is a
+    ``DistributedSampler`` that pads the data set with repeated samples (``idist.auto_dataloader`` makes one),
+    so that every sample is counted once over the ranks; ``None`` when nothing is padded."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    if sampler.total_size <= size:
+        return None
+    # the padded index list repeats its head at its end: positions >= size are repeats, rank r takes r, r + W, ...
+    return len(range(sampler.rank, size, sampler.num_replicas))

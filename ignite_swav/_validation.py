@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from numbers import Integral, Real
 
+import torch
+
 
 def check_int(name: str, value: object, minimum: int) -> int:
     """Return ``value`` as an int, or raise if it is not an integer ``>= minimum``."""
@@ -37,3 +39,49 @@ def check_crops_for_assign(value: object) -> tuple[int, ...]:
     if len(set(crops)) != len(crops):
         raise ValueError(f"crops_for_assign must not repeat a crop, got {crops}")
     return crops
+
+
+def resolve_autocast_dtype(amp_mode: str | None, amp_dtype: torch.dtype | None, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``amp_mode`` / ``amp_dtype`` on ``device_type`` (``None``: no autocast), or raise:
+    bfloat16 on the CPU and float16 on CUDA by default."""
+    if amp_mode is None:
+        if amp_dtype is not None:
+            raise ValueError(f"amp_dtype={amp_dtype} is only used with amp_mode='amp'")
+        return None
+    if amp_mode != "amp":
+        raise ValueError(f"amp_mode must be None or 'amp' (torch.autocast), got {amp_mode!r}")
+    supported = {"cpu": (torch.bfloat16, torch.float16), "cuda": (torch.float16, torch.bfloat16)}
+    if device_type not in supported:
+        raise ValueError(f"amp_mode='amp' is not supported on device type '{device_type}'; use 'cpu' or 'cuda'")
+    dtype = amp_dtype or supported[device_type][0]
+    if dtype not in supported[device_type]:
+        raise ValueError(
+            f"amp_dtype={dtype} cannot be used by autocast on '{device_type}'; valid: {supported[device_type]}"
+        )
+    if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("amp_dtype=torch.bfloat16 is not supported by this GPU; use torch.float16 with scaler=True")
+    return dtype
+
+
+def device_type_of(device: str | torch.device | None) -> str:
+    """The type of ``device`` (``"cpu"`` for ``None``), or raise when it cannot hold a run here (meta, a GPU this
+    machine does not have)."""
+    if device is None:
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be None, a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+    if parsed.type == "meta":
+        raise ValueError("device='meta' holds no values: train on 'cpu' or 'cuda'")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r}, but no CUDA GPU is available here: use 'cpu'")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device={str(device)!r}, but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+    return parsed.type

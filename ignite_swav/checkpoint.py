@@ -20,6 +20,7 @@ from ignite.handlers import Checkpoint
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ignite_swav._pickle_scan import referenced_callables
 from ignite_swav._wrappers import unwrap_model
 
 __all__ = ["load_checkpoint_file", "load_objects"]
@@ -33,40 +34,29 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as error:
+        # NotImplementedError: zipfile's answer to a damaged compression-method field
         raise ValueError(f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error})") from None
     if damaged is not None:
         raise ValueError(f"checkpoint file '{path}' is corrupted: the data of '{damaged}' does not match its checksum")
 
 
-_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode", "numpy.")
+# What torch.save itself writes into a checkpoint's pickle; any other callable in a refused file is named.
+_TORCH_SAVE_CALLABLES = ("torch.", "collections.OrderedDict")
 
 
 def _referenced_callables(path: Path) -> list[str]:
-    """The callables the pickles of a checkpoint file refer to, read with ``pickletools`` (nothing is run), for
-    the message of a refused file whose pickle torch's weights-only reader could not even parse (protocol 4)."""
-    import io
-    import pickletools
-
-    data = path.read_bytes()
+    """The callables the pickles of a checkpoint file refer to, read without running anything and without reading
+    large arguments (streamed), for the message of a file that torch's weights-only reader refused."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-            data = archive.read(member) if member else b""
-    stream, names = io.BytesIO(data), []
-    while stream.tell() < len(data):
-        strings: list[str] = []
-        try:
-            for opcode, argument, _ in pickletools.genops(stream):
-                if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
-                    strings.append(argument)
-                elif opcode.name == "GLOBAL":
-                    names.append(str(argument).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-        except Exception:  # past the pickles: a legacy file's raw tensor data, or garbage
-            break
-    return names
+            if member is None:
+                return []
+            with archive.open(member) as stream:
+                return referenced_callables(stream)
+    with open(path, "rb") as stream:
+        return referenced_callables(stream)
 
 
 def load_checkpoint_file(path: str | Path) -> Any:
@@ -121,7 +111,7 @@ def load_checkpoint_file(path: str | Path) -> Any:
         refused = re.search(r"GLOBAL (\S+)|[Uu]nsupported global: (?:GLOBAL )?(\S+)", message)
         name = (refused.group(1) or refused.group(2)).rstrip(".,") if refused else None
         if isinstance(error, pickle.UnpicklingError) and not name:
-            unsafe = [n for n in _referenced_callables(path) if not n.startswith(_SAFE_PREFIXES)]
+            unsafe = [n for n in _referenced_callables(path) if not n.startswith(_TORCH_SAVE_CALLABLES)]
             name = unsafe[0] if unsafe else None
         if isinstance(error, pickle.UnpicklingError) and name and re.fullmatch(r"[\w.]+", name):
             raise ValueError(
@@ -129,9 +119,11 @@ def load_checkpoint_file(path: str | Path) -> Any:
                 "file was refused without running any of its code (only files of tensors and numbers, as ignite's "
                 "Checkpoint writes them, are accepted)"
             ) from None
-        detail = message.splitlines()[0][:200] if message else "no detail"
+        # torch's own text advises loading with weights_only=False, which would run the file's code: never quoted
+        detail = "" if "weights_only" in message else f": {message.splitlines()[0][:200]}" if message else ""
         raise ValueError(
-            f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({type(error).__name__}: {detail})"
+            f"checkpoint file '{path}' cannot be read, it is truncated or corrupted, or not a file of tensors and "
+            f"numbers as torch.save writes them ({type(error).__name__}{detail}); nothing in it was run"
         ) from None
 
 
@@ -166,9 +158,18 @@ def _check_optimizer_state(key: str, optimizer: Optimizer, state: Any) -> None:
     for group, saved in zip(groups, saved_groups):
         if not isinstance(saved, Mapping) or len(saved.get("params", ())) != len(group["params"]):
             raise ValueError(f"checkpoint entry '{key}' has parameter groups of other sizes than the optimizer's")
-        for value in saved.values():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"checkpoint entry '{key}' holds a non-finite setting ({value})")
+        # Settings only one side has come and go with torch releases; settings missing on both sides mean another
+        # optimizer (Adam's betas saved, SGD's momentum expected).
+        unknown = sorted(set(saved) - set(group))
+        missing = sorted(set(group) - set(saved) - {"initial_lr"})  # initial_lr: added by torch's lr schedulers
+        if unknown and missing:
+            raise ValueError(
+                f"checkpoint entry '{key}' is the state of another optimizer than {type(optimizer).__name__}: it "
+                f"has the settings {unknown}, which {type(optimizer).__name__} has not, and lacks {missing}"
+            )
+        for name, value in saved.items():
+            if name in group:
+                _check_setting(key, name, value, group[name])
         shapes.update({index: tuple(p.shape) for index, p in zip(saved["params"], group["params"])})
     if not isinstance(state["state"], Mapping):
         raise ValueError(f"checkpoint entry '{key}' has a 'state' that is not a mapping")
@@ -183,6 +184,26 @@ def _check_optimizer_state(key: str, optimizer: Optimizer, state: Any) -> None:
                 )
             if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"checkpoint entry '{key}': '{name}' of parameter {index} holds NaN or infinities")
+
+
+def _check_setting(key: str, name: str, value: Any, current: Any) -> None:
+    """A saved optimizer setting has the kind of the optimizer's own: a number for a number, a bool for a bool."""
+    if name == "params":
+        return
+    number = (int, float)
+    if isinstance(current, bool) or current is None:
+        ok = current is None or isinstance(value, bool)
+    elif isinstance(current, number):
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+    elif isinstance(current, (tuple, list)):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(current)
+        ok = ok and all(isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(
+            f"checkpoint entry '{key}': the setting '{name}' is {value!r}, where the optimizer has {current!r}"
+        )
 
 
 def _check_engine_state(key: str, state: Any) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ignite import distributed as idist
 from torch import Tensor, nn
 
-from ignite_swav._distributed import gather_rows
+from ignite_swav._distributed import gather_rows, real_rows_of_rank
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import unwrap_model
 from ignite_swav.modules import SwAVModel
@@ -90,7 +90,7 @@ def assign_clusters(
         has_scores = idist.all_reduce(has_scores, op="MIN")
     if not bool(has_scores.item()):
         raise ValueError("data yielded no images (on this rank or another one): there is nothing to assign")
-    local = torch.cat(scores)
+    local = torch.cat(scores)[: real_rows_of_rank(data)]  # not the repeats of a padded DistributedSampler
     if balanced:
         ids = sinkhorn(local, iterations=sinkhorn_iterations, epsilon=epsilon, max_abs_score=1.0).argmax(dim=1)
     else:

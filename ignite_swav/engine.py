@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ignite_swav._validation import check_int
+from ignite_swav._validation import check_int, device_type_of, resolve_autocast_dtype
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
 
@@ -130,37 +131,6 @@ def _prototype_weight(layer: nn.Module) -> Tensor:
             f"ignite_swav.SwAVPrototypes or a bias-free nn.Linear; got {type(layer).__name__}"
         )
     return weight
-
-
-def _autocast_dtype(amp_mode: str | None, amp_dtype: torch.dtype | None, device_type: str) -> torch.dtype | None:
-    if amp_mode is None:
-        if amp_dtype is not None:
-            raise ValueError(f"amp_dtype={amp_dtype} is only used with amp_mode='amp'")
-        return None
-    if amp_mode != "amp":
-        raise ValueError(f"amp_mode must be None or 'amp' (torch.autocast), got {amp_mode!r}")
-    supported = {"cpu": (torch.bfloat16, torch.float16), "cuda": (torch.float16, torch.bfloat16)}
-    if device_type not in supported:
-        raise ValueError(f"amp_mode='amp' is not supported on device type '{device_type}'; use 'cpu' or 'cuda'")
-    dtype = amp_dtype or supported[device_type][0]
-    if dtype not in supported[device_type]:
-        raise ValueError(
-            f"amp_dtype={dtype} cannot be used by autocast on '{device_type}'; valid: {supported[device_type]}"
-        )
-    if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError("amp_dtype=torch.bfloat16 is not supported by this GPU; use torch.float16 with scaler=True")
-    return dtype
-
-
-def _device_type(device: str | torch.device | None) -> str:
-    if device is None:
-        return "cpu"
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"device must be None, a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
-        ) from None
 
 
 def _check_positional_types(model: Any, optimizer: Any, loss_fn: Any) -> None:
@@ -292,8 +262,8 @@ def create_swav_trainer(
         raise TypeError(f"augment must be callable (images -> list of crop batches), got {type(augment).__name__}")
     if prepare_batch is None:
         prepare_batch = prepare_multicrop_batch if augment is None else prepare_image_batch
-    device_type = _device_type(device)
-    autocast_dtype = _autocast_dtype(amp_mode, amp_dtype, device_type)
+    device_type = device_type_of(device)
+    autocast_dtype = resolve_autocast_dtype(amp_mode, amp_dtype, device_type)
 
     if prototypes is None:
         prototypes = _find_prototypes(model)
@@ -325,9 +295,17 @@ def create_swav_trainer(
         raise TypeError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
 
     queue_used_in_run = [False]
+    warned_not_attached = [False]
 
     def update(engine: Engine, batch: Any) -> Any:
         iteration = engine.state.iteration
+        handler = loss_fn.queue_handler
+        if handler is not None and not warned_not_attached[0] and not handler.is_attached(engine):
+            warned_not_attached[0] = True  # a queue that never fills, and no word of it otherwise
+            logging.getLogger(__name__).warning(
+                "the loss has a SwAVQueueHandler that is not attached to this trainer: its queue is never created "
+                "or managed; call handler.attach(trainer)"
+            )
         if (iteration - 1) % accumulation == 0:
             optimizer.zero_grad(set_to_none=True)
         model.train()

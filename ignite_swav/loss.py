@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,8 @@ class SwAVLoss(nn.Module):
         #: called by the loss with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due
         #: but its shape is not known yet; returns the queue (or ``None``). Set by ``SwAVQueueHandler``.
         self.queue_factory: Callable[[int, int, torch.device], Tensor | None] | None = None
+        #: the :class:`~ignite_swav.SwAVQueueHandler` that manages ``queue`` (it registers itself), or ``None``
+        self.queue_handler: Any = None
         #: ``(batch size, embedding width)`` of the last call
         self.last_batch_shape: tuple[int, int] | None = None
         #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call

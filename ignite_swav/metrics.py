@@ -16,9 +16,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from ignite_swav._distributed import gather_rows
-from ignite_swav._validation import check_int, check_positive_float
-from ignite_swav.engine import _autocast_dtype, _device_type
+from ignite_swav._distributed import gather_rows, real_rows_of_rank
+from ignite_swav._validation import check_int, check_positive_float, device_type_of, resolve_autocast_dtype
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
@@ -53,13 +52,15 @@ def _extract(
         labels.append(targets.to(features[-1].device))
     if not features:
         raise ValueError("the loader gave no batch: features need at least one labelled image")
-    return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels).long())
+    real = real_rows_of_rank(loader)  # without the repeated samples a padded DistributedSampler adds
+    local_features, local_labels = torch.cat(features)[:real], torch.cat(labels).long()[:real]
+    return gather_rows(local_features), gather_rows(local_labels)
 
 
 def _autocast(amp_mode: str | None, device: str | torch.device | None) -> tuple[str, torch.dtype | None]:
     # the trainer's choice and checks: bfloat16 on the CPU, float16 on CUDA
-    device_type = _device_type(device)
-    return device_type, _autocast_dtype(amp_mode, None, device_type)
+    device_type = device_type_of(device)
+    return device_type, resolve_autocast_dtype(amp_mode, None, device_type)
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ class KNNAccuracy(Metric):
         0.5
     """
 
-    _state_dict_all_req_keys = ("_correct", "_count")
+    _state_dict_all_req_keys = ("_correct", "_count", "_invalid")
 
     def __init__(
         self,
@@ -180,14 +181,23 @@ class KNNAccuracy(Metric):
                 f"the reference needs (M, F) features and (M,) labels with M > 0, got {tuple(features.shape)} "
                 f"and {tuple(labels.shape)}"
             )
+        if labels.is_floating_point():
+            raise TypeError(f"the reference labels must be integers, got dtype {labels.dtype}")
+        lowest, highest = torch.stack([labels.min(), labels.max()]).tolist()  # one read, once per evaluation
+        if lowest < 0:
+            raise ValueError(f"the reference labels must be >= 0 (class indices), got {lowest}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("the reference features hold NaN or infinite values (a diverged backbone?)")
         self._bank = F.normalize(features.float(), dim=1)
         self._bank_labels = labels.long().to(features.device)
-        self._num_classes = int(self._bank_labels.max()) + 1
+        self._num_classes = int(highest) + 1
 
     @reinit__is_reduced
     def reset(self) -> None:
         self._correct = torch.tensor(0, dtype=torch.long, device=self._device)
         self._count = torch.tensor(0, dtype=torch.long, device=self._device)
+        # NaN features or negative labels seen: kept on the device, read once by compute()
+        self._invalid = torch.tensor(0, dtype=torch.long, device=self._device)
 
     @reinit__is_reduced
     def update(self, output: tuple[Tensor, Tensor]) -> None:
@@ -196,6 +206,8 @@ class KNNAccuracy(Metric):
         features, labels = output
         if features.ndim != 2 or features.shape[1] != self._bank.shape[1]:
             raise ValueError(f"features must be (N, {self._bank.shape[1]}) like the bank, got {tuple(features.shape)}")
+        invalid = (~torch.isfinite(features).all()) | (labels < 0).any()
+        self._invalid |= invalid.to(device=self._device, dtype=torch.long)
         features = F.normalize(features.float(), dim=1).to(self._bank.device)
         similarity = features @ self._bank.t()
         k = min(self.k, self._bank.shape[0])
@@ -206,8 +218,13 @@ class KNNAccuracy(Metric):
         self._correct += (predicted == labels.to(predicted.device)).sum().to(self._device)
         self._count += labels.shape[0]
 
-    @sync_all_reduce("_correct", "_count")
+    @sync_all_reduce("_correct", "_count", "_invalid:MAX")
     def compute(self) -> float:
+        if self._invalid.item():
+            raise ValueError(
+                "KNNAccuracy was given NaN or infinite features, or negative labels (on this rank or another one): "
+                "no accuracy is computed from them"
+            )
         if self._count == 0:
             raise NotComputableError("KNNAccuracy needs at least one sample before it can be computed")
         return self._correct.item() / self._count.item()
@@ -270,12 +287,17 @@ def create_knn_evaluator(
     def step(engine: Engine, batch: Any) -> Any:
         x, y = prepare_batch(batch, device=device, non_blocking=non_blocking)
         y_pred = _features(evaluated["net"], x, model_transform, device_type, autocast_dtype)
+        if evaluated["real_rows"] is not None:  # drop the repeated samples of a padded DistributedSampler
+            keep = max(0, min(len(y), evaluated["real_rows"] - evaluated["rows_seen"]))
+            evaluated["rows_seen"] += len(y)
+            x, y, y_pred = x[:keep], y[:keep], y_pred[:keep]
         return output_transform(x, y, y_pred)
 
     evaluator = Engine(step)
 
     @evaluator.on(Events.STARTED)
-    def embed_reference(_: Engine) -> None:
+    def embed_reference(engine: Engine) -> None:
+        evaluated["real_rows"], evaluated["rows_seen"] = real_rows_of_rank(engine.state.dataloader), 0
         evaluated["was_training"] = backbone.training
         net = backbone
         if recalibrate_bn:

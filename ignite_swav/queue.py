@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
@@ -49,14 +50,19 @@ class SwAVQueueHandler(Serializable):
     - :meth:`on_iteration_completed` on ``Events.ITERATION_COMPLETED``: sets ``engine.state.queue_in_use``
       (for loggers); in the first iteration of a run, learns ``batch_size`` and ``feat_dim`` from the loss's
       batch, or checks the given ones against it.
+    - :meth:`gather` on ``gather_event`` (default ``Events.EPOCH_COMPLETED``), on every rank: gathers the queues
+      of all ranks into one ``(crops, queue_length, feat_dim)`` tensor on the CPU, for :meth:`state_dict`.
     - :meth:`save_queue_file` on ``save_event`` when ``dirname`` is set: writes the queue of all ranks to one
       file through Ignite's ``Checkpoint`` and an atomic ``DiskSaver`` (rank 0 writes; the last 2 files are
       kept, so one is always complete).
 
-    :meth:`state_dict` gathers the queues of all ranks into one ``(crops, queue_length, feat_dim)`` tensor:
-    it is a collective, so a ``Checkpoint`` holding the handler must run on every rank (as Ignite's own
-    ``Checkpoint`` requires in distributed runs). :meth:`load_state_dict` reshards it onto the current world
-    size, so a run saved on 2 processes resumes on 1 or 4. Only tensors and numbers are stored, so
+    :meth:`state_dict` returns the queue gathered at ``gather_event``: it runs no collective, so a ``Checkpoint``
+    holding the handler may be attached on every rank or, as is a common Ignite habit, on rank 0 only (it used
+    to hang there until the process group's timeout). Attach the handler before that ``Checkpoint``, on the
+    same event: handlers of one event run in the order of registration. On several processes, a
+    ``state_dict()`` after an iteration that followed the last gather raises at once, naming the fix. On one
+    process it is the queue as it is. :meth:`load_state_dict` reshards it onto the current world size, so a run
+    saved on 2 processes resumes on 1 or 4. Only tensors and numbers are stored, so
     ``Checkpoint.load_objects`` (``weights_only=True``) loads it.
 
     Args:
@@ -71,6 +77,8 @@ class SwAVQueueHandler(Serializable):
         dirname: directory of the queue file; ``None`` to keep the queue only in the user's own ``Checkpoint``.
         save_event: when to write the queue file (an Ignite event, filters allowed:
             ``Events.EPOCH_COMPLETED(every=5)``); only with ``dirname``.
+        gather_event: when to gather the queue of all ranks for :meth:`state_dict`: the event of the
+            ``Checkpoint`` that holds this handler (filters allowed).
 
     Example:
         >>> import torch
@@ -110,6 +118,7 @@ class SwAVQueueHandler(Serializable):
         feat_dim: int | None = None,
         dirname: str | Path | None = None,
         save_event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
+        gather_event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
     ) -> None:
         if not isinstance(loss, SwAVLoss):
             raise TypeError(f"loss must be an ignite_swav.SwAVLoss, got {type(loss).__name__}")
@@ -129,6 +138,16 @@ class SwAVQueueHandler(Serializable):
                 f"Events.EPOCH_COMPLETED(every=5), got {save_event!r}"
             )
         self.save_event = save_event
+        if not isinstance(gather_event, CallableEventWithFilter):
+            raise TypeError(
+                "gather_event must be an Ignite event such as Events.EPOCH_COMPLETED or "
+                f"Events.ITERATION_COMPLETED(every=1000), got {gather_event!r}"
+            )
+        self.gather_event = gather_event
+        # the queue of all ranks, gathered at gather_event (or restored), valid until the next iteration
+        self._gathered: Tensor | None = None
+        self._engines: list[weakref.ReferenceType[Engine]] = []
+        loss.queue_handler = self  # so that a trainer whose loss has a handler can tell when it is not attached
         # The trimmed global length; set for the current world size on STARTED (or on load_state_dict).
         self.queue_length = self.requested_queue_length
         self.queue: Tensor | None = None
@@ -176,6 +195,8 @@ class SwAVQueueHandler(Serializable):
         engine.add_event_handler(Events.STARTED, self.on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.on_epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration_completed)
+        engine.add_event_handler(self.gather_event, self.gather)
+        self._engines.append(weakref.ref(engine))
         if self.dirname is not None:
             engine.add_event_handler(self.save_event, self.save_queue_file)
         engine.state.queue_in_use = False
@@ -207,8 +228,13 @@ class SwAVQueueHandler(Serializable):
             self.loss.queue_factory = self._create_queue_from_batch
         self.loss.queue = self.queue
 
+    def is_attached(self, engine: Engine) -> bool:
+        """Whether :meth:`attach` registered this handler on ``engine``."""
+        return any(ref() is engine for ref in self._engines)
+
     def on_iteration_completed(self, engine: Engine) -> None:
         """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes."""
+        self._gathered = None  # the queue may have changed
         engine.state.queue_in_use = bool(self.loss.use_queue)
         if self._first_iteration_checked or self.loss.last_batch_shape is None:
             return
@@ -238,13 +264,17 @@ class SwAVQueueHandler(Serializable):
         local_length = self.queue_length // idist.get_world_size()
         if local_length == 0:
             return
-        self.queue = torch.zeros(
-            len(self.crops_for_assign),
-            local_length,
-            self.feat_dim,
-            dtype=torch.float32,
-            device=device or idist.device(),
-        )
+        shape = (len(self.crops_for_assign), local_length, self.feat_dim)
+        device = device or idist.device()
+        try:
+            self.queue = torch.zeros(shape, dtype=torch.float32, device=device)
+        except (RuntimeError, MemoryError) as error:  # torch's allocator: "can't allocate memory", CUDA out of memory
+            gigabytes = local_length * len(self.crops_for_assign) * self.feat_dim * 4 / 1e9
+            raise ValueError(
+                f"queue_length={self.requested_queue_length} needs a queue of {shape} float32 values per process "
+                f"({gigabytes:.3g} GB), which {device} cannot allocate: use a shorter queue (SwAV's ImageNet recipe "
+                f"uses 3840 rows) ({str(error).splitlines()[0][:120]})"
+            ) from None
         self.loss.queue = self.queue
 
     def _create_queue_from_batch(self, batch_size: int, feat_dim: int, device: torch.device) -> Tensor | None:
@@ -268,20 +298,38 @@ class SwAVQueueHandler(Serializable):
             )
         self._saver(engine)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The queue of all ranks in one tensor (collective: call it on every rank), with its settings.
+    def gather(self, engine: Engine | None = None) -> None:
+        """Gather the queue of all ranks for :meth:`state_dict` (a collective: every rank calls it, at
+        ``gather_event``). Rows are ordered by age, newest first, across ranks: row ``j`` of rank ``r`` becomes
+        global row ``j * world_size + r``."""
+        world_size = idist.get_world_size()
+        if self.queue is None or world_size == 1:
+            return
+        local = self.queue.detach().contiguous()
+        gathered = idist.all_gather(local)
+        crops, length, dim = local.shape
+        # (world, crops, length, dim) -> (crops, length, world, dim): interleave the ranks row by row.
+        self._gathered = gathered.view(world_size, crops, length, dim).permute(1, 2, 0, 3).reshape(crops, -1, dim).cpu()
 
-        Rows are ordered by age, newest first, across ranks: row ``j`` of rank ``r`` becomes global row
-        ``j * world_size + r``.
+    def state_dict(self) -> dict[str, Any]:
+        """The queue of all ranks in one tensor (as gathered at ``gather_event``: no collective), with its settings.
+
+        Raises:
+            RuntimeError: on several processes, when an iteration ran since the last gather (a ``Checkpoint`` at
+                another event than ``gather_event``): its queue would not be the model's.
         """
         queue = None
         if self.queue is not None:
-            world_size = idist.get_world_size()
-            local = self.queue.detach().contiguous()
-            gathered = idist.all_gather(local)
-            crops, length, dim = local.shape
-            # (world, crops, length, dim) -> (crops, length, world, dim): interleave the ranks row by row.
-            queue = gathered.view(world_size, crops, length, dim).permute(1, 2, 0, 3).reshape(crops, -1, dim).cpu()
+            if idist.get_world_size() == 1:
+                queue = self.queue.detach().cpu().clone()
+            elif self._gathered is not None:
+                queue = self._gathered
+            else:
+                raise RuntimeError(
+                    "SwAVQueueHandler.state_dict() was called after an iteration that followed its last gather of "
+                    f"the queue of every process (at gather_event={self.gather_event}): checkpoint at that event, "
+                    "or pass SwAVQueueHandler(..., gather_event=<the event of your Checkpoint>)"
+                )
         return {
             "version": _FORMAT_VERSION,
             "queue": queue,
@@ -305,6 +353,7 @@ class SwAVQueueHandler(Serializable):
         if queue is not None and self.feat_dim is None:
             self.feat_dim = queue.shape[2]
         self.queue_length = self._global_queue_length()
+        self._gathered = None
         if queue is None:
             self.queue = None
         else:
@@ -322,8 +371,9 @@ class SwAVQueueHandler(Serializable):
             # Global row g goes to rank g % world_size, local row g // world_size: ages stay interleaved. A copy,
             # so that training never writes into the caller's state.
             self.queue = queue[:, rank::world_size].to(device=idist.device(), dtype=torch.float32, copy=True)
+            self._gathered = queue.to(dtype=torch.float32, copy=True)  # what state_dict gives until training moves on
             if self.queue.shape[1] == 0:
-                self.queue = None
+                self.queue = self._gathered = None
         self.loss.queue = self.queue
         self.loss.use_queue = False
 
@@ -337,12 +387,28 @@ class SwAVQueueHandler(Serializable):
         for key, value in state_dict.items():
             if key != "queue" and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise ValueError(f"queue state entry '{key}' must be an integer, got {type(value).__name__}")
+        version = state_dict.get("version", _FORMAT_VERSION)
+        if version != _FORMAT_VERSION:
+            raise ValueError(
+                f"the queue state has format version {version}; this ignite-swav reads version {_FORMAT_VERSION} "
+                "(written by another release?)"
+            )
         queue = state_dict["queue"]
         if queue is None:
             return None
         if not isinstance(queue, Tensor) or queue.ndim != 3 or not queue.is_floating_point():
             shape = tuple(queue.shape) if isinstance(queue, Tensor) else type(queue).__name__
             raise ValueError(f"queue state holds a 'queue' of {shape}, expected a float tensor (crops, length, dim)")
+        if queue.device.type == "meta":
+            raise ValueError("the saved queue is on the 'meta' device, which holds no values: it was refused")
+        # Before any value is touched: a tensor whose shape claims more values than its storage holds (a stride-0
+        # expansion: a file of 2.6 MB that would become 11.8 GB once copied) is not a queue torch.save wrote.
+        stored = queue.untyped_storage().nbytes() // queue.element_size()
+        if queue.numel() > stored:
+            raise ValueError(
+                f"the saved queue claims {tuple(queue.shape)} values but its storage holds {stored}: a repeated "
+                "(expanded) tensor is not a saved queue; it was refused"
+            )
         crops, _, dim = queue.shape
         if self.feat_dim is not None and dim != self.feat_dim:
             raise ValueError(

@@ -12,6 +12,8 @@ from torchvision.transforms import v2
 
 from ignite_swav._validation import check_int
 
+_LARGEST_CROP = 8192  # pixels a side: four times a 2048 px crop, far beyond any published multi-crop recipe
+
 __all__ = ["MultiCropSettings", "MultiCropTransform", "multicrop_collate"]
 
 _Settings = TypeVar("_Settings", bound="MultiCropSettings")
@@ -63,6 +65,9 @@ class MultiCropSettings:
             raise ValueError(f"size_crops must be a non-empty sequence of crop sizes, got {size_crops!r}")
         count = len(size_crops)
         self.size_crops = tuple(check_int(f"size_crops[{i}]", s, 1) for i, s in enumerate(size_crops))
+        for i, size in enumerate(self.size_crops):
+            if size > _LARGEST_CROP:  # a typing mistake that would exhaust memory before any message
+                raise ValueError(f"size_crops[{i}] must be at most {_LARGEST_CROP} pixels, got {size}")
         self.num_crops = tuple(
             check_int(f"num_crops[{i}]", n, 0) for i, n in enumerate(_check_per_size("num_crops", num_crops, count))
         )

@@ -230,3 +230,45 @@ def _different_prototypes_worker(rank: int) -> None:
 
 def test_processes_with_other_shapes_are_told_so_instead_of_aborting_in_a_collective():
     spawn(_different_prototypes_worker)
+
+
+def _checkpoint_on_rank_zero_only_worker(rank: int, dirname: str) -> None:
+    # A common Ignite habit: the Checkpoint on rank 0 only. Its state_dict runs no collective any more, so this
+    # no longer waits for the other rank until the process group's timeout.
+    trainer, handler, _ = _make_run(rank, epoch_queue_starts=0)
+    if rank == 0:
+        saver = Checkpoint({"queue": handler}, DiskSaver(dirname, require_empty=False), n_saved=None)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    trainer.run(range(3), max_epochs=3)
+    local = handler.queue.clone()
+    every_rank = idist.all_gather(local.unsqueeze(0))
+    if rank == 0:
+        saved = torch.load(Path(dirname) / "queue_9.pt", weights_only=True)["queue"]
+        # the saved queue holds the rows of both ranks, interleaved
+        assert torch.equal(saved[:, 0::2], every_rank[0]) and torch.equal(saved[:, 1::2], every_rank[1])
+
+
+def test_a_checkpoint_attached_on_rank_zero_only_saves_the_whole_queue_without_hanging(tmp_path: Path):
+    spawn(_checkpoint_on_rank_zero_only_worker, str(tmp_path))
+
+
+def _padded_sampler_worker(rank: int) -> None:
+    from ignite_swav import create_knn_evaluator, extract_features
+
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(11, 4, generator=g), torch.arange(11) % 3  # 11 samples on 2 ranks: 1 padded
+    dataset = torch.utils.data.TensorDataset(features, labels)
+    loader = idist.auto_dataloader(dataset, batch_size=4, shuffle=False)  # a padded DistributedSampler
+    assert len(loader.sampler) * WORLD == 12
+    bank, bank_labels = extract_features(torch.nn.Identity(), loader)
+    assert bank.shape == (11, 4) and sorted(bank_labels.tolist()) == sorted(labels.tolist())
+    evaluator = create_knn_evaluator(torch.nn.Identity(), loader, k=1)
+    state = evaluator.run(loader)
+    metric = state.metrics["knn_top1"]
+    assert metric == 1.0  # each sample is its own nearest neighbour; counted once over the ranks
+    counted = idist.all_reduce(torch.tensor(float(state.iteration)))
+    assert counted > 0
+
+
+def test_a_padded_distributed_sampler_counts_every_sample_once():
+    spawn(_padded_sampler_worker)

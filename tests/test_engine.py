@@ -1,3 +1,4 @@
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def test_prepare_batch_accepts_crops_or_a_crops_target_pair():
     [
         ({"freeze_prototypes_iters": -1}, ValueError, "freeze_prototypes_iters must be an integer >= 0, got -1"),
         ({"amp_mode": "apex"}, ValueError, "amp_mode must be None or 'amp'"),
-        ({"amp_mode": "amp", "device": "meta"}, ValueError, "not supported on device type 'meta'"),
+        ({"amp_mode": "amp", "device": "meta"}, ValueError, "device='meta' holds no values: train on 'cpu' or 'cuda'"),
         ({"amp_mode": "amp", "amp_dtype": torch.float64}, ValueError, "amp_dtype=torch.float64 cannot be used"),
         ({"amp_dtype": torch.bfloat16}, ValueError, "only used with amp_mode='amp'"),
         ({"amp_mode": "amp", "scaler": True}, ValueError, "scaler is for float16 autocast on CUDA"),
@@ -330,13 +331,47 @@ def test_gradient_accumulation_steps_the_optimizer_on_the_mean_of_the_micro_batc
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
-def test_the_grad_scaler_is_on_the_trainer_state_for_checkpoints():
+def test_the_grad_scaler_is_on_the_trainer_state_for_checkpoints(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # built, never run: no GPU is needed
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     model = tiny_swav_model()
     trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda", amp_mode="amp", scaler=True)
     assert isinstance(trainer.state.scaler, torch.amp.GradScaler)
     mine = torch.amp.GradScaler("cuda", init_scale=2.0**10)
     trainer = create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda", amp_mode="amp", scaler=mine)
     assert trainer.state.scaler is mine
+
+
+def test_a_device_this_machine_does_not_have_is_one_clear_error(monkeypatch):
+    model = tiny_swav_model()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda', but no CUDA GPU is available here: use 'cpu'"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="device='cuda:7', but this machine has 2 CUDA GPU\\(s\\): cuda:0 to cuda:1"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), device="cuda:7")
+    with pytest.raises(ValueError, match="device='meta' holds no values"):
+        create_swav_trainer(model, sgd(model), SwAVLoss(), device="meta")
+
+
+def test_a_queue_handler_that_is_not_attached_to_the_trainer_is_named_once(caplog):
+    model = tiny_swav_model()
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, sgd(model), loss_fn)
+    evaluator = Engine(lambda e, b: None)
+    SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=0).attach(evaluator)  # the wrong engine
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.engine"):
+        trainer.run(fake_loader(), max_epochs=2)
+    assert caplog.text.count("SwAVQueueHandler that is not attached to this trainer") == 1
+    caplog.clear()
+    attached_model = tiny_swav_model()
+    attached_loss = SwAVLoss()
+    attached = create_swav_trainer(attached_model, sgd(attached_model), attached_loss)
+    SwAVQueueHandler(attached_loss, queue_length=8, epoch_queue_starts=0).attach(attached)
+    with caplog.at_level(logging.WARNING, logger="ignite_swav.engine"):
+        attached.run(fake_loader(), max_epochs=1)
+    assert "not attached" not in caplog.text
 
 
 def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tmp_path: Path):

@@ -166,3 +166,19 @@ def test_the_evaluator_mirrors_create_supervised_evaluator():
     assert prepared == [("cpu", True), ("cpu", True)] and seen == [torch.Size([15, 3])]
     with pytest.raises(ValueError, match="amp_mode must be None or 'amp'"):
         create_knn_evaluator(TwoHeads(), [as_dicts[0]], amp_mode="apex")
+
+
+def test_nan_features_and_negative_labels_are_errors_not_numbers():
+    metric = KNNAccuracy(k=1)
+    metric.set_reference(torch.eye(2), torch.tensor([0, 1]))
+    metric.update((torch.tensor([[float("nan"), 0.1], [0.2, 0.8]]), torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="KNNAccuracy was given NaN or infinite features, or negative labels"):
+        metric.compute()
+    metric.reset()
+    metric.update((torch.eye(2), torch.tensor([-1, 1])))
+    with pytest.raises(ValueError, match="negative labels"):
+        metric.compute()
+    with pytest.raises(ValueError, match="the reference labels must be >= 0 \\(class indices\\), got -1"):
+        metric.set_reference(torch.eye(2), torch.tensor([-1, 1]))
+    with pytest.raises(ValueError, match="the reference features hold NaN or infinite values"):
+        metric.set_reference(torch.full((2, 2), float("inf")), torch.tensor([0, 1]))

@@ -336,3 +336,25 @@ def test_the_handler_is_an_ignite_serializable_and_never_aliases_a_loaded_state(
     trainer.run(range(3), max_epochs=1)
     assert torch.equal(state["queue"], before)  # training wrote into the handler's own copy
     assert not torch.equal(handler.queue, before)
+
+
+def test_a_queue_too_long_to_allocate_is_the_librarys_error_not_the_allocators():
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(loss_fn, queue_length=10**12, epoch_queue_starts=0, batch_size=4, feat_dim=16)
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    with pytest.raises(ValueError, match=r"queue_length=1000000000000 needs a queue of \(2, 1000000000000, 16\).*GB"):
+        engine.run([0], max_epochs=1)
+
+
+def test_state_dict_after_an_ungathered_iteration_on_several_processes_fails_fast(monkeypatch):
+    import ignite.distributed as idist
+
+    loss_fn = SwAVLoss()
+    handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=0, batch_size=4, feat_dim=16)
+    handler.queue = torch.zeros(2, 8, 16)
+    monkeypatch.setattr(idist, "get_world_size", lambda: 2)
+    with pytest.raises(RuntimeError, match="after an iteration that followed its last gather.*gather_event="):
+        handler.state_dict()
+    with pytest.raises(TypeError, match="gather_event must be an Ignite event"):
+        SwAVQueueHandler(SwAVLoss(), queue_length=8, gather_event="epoch")

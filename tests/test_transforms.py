@@ -134,3 +134,11 @@ def test_flip_and_jitter_can_be_turned_off():
         MultiCropTransform(jitter=(0.8, 0.8))
     with pytest.raises(ValueError, match=r"flip_prob must be a probability in \[0, 1\], got 2"):
         MultiCropTransform(flip_prob=2)
+
+
+def test_a_crop_size_that_would_exhaust_memory_is_refused_by_both_augmentations():
+    from ignite_swav import BatchedMultiCrop
+
+    for make in (MultiCropTransform, BatchedMultiCrop):
+        with pytest.raises(ValueError, match="size_crops\\[0\\] must be at most 8192 pixels, got 100000"):
+            make(size_crops=(10**5,), num_crops=(2,), min_scale_crops=(0.5,), max_scale_crops=(1.0,))

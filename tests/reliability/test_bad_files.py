@@ -163,3 +163,118 @@ def test_a_queue_dirname_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="dirname='.*file' is a file, not a directory"):
         SwAVQueueHandler(SwAVLoss(), queue_length=8, dirname=tmp_path / "file")
+
+
+class _Calls:
+    """Unpickling this calls ``function(*arguments)``: the payload of a hostile pickle."""
+
+    def __init__(self, function, *arguments) -> None:
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return (self.function, self.arguments)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("callable_name", ["exec", "eval"])
+def test_pickles_of_other_protocols_calling_builtins_are_refused_naming_them(tmp_path, protocol, callable_name):
+    import builtins
+    import pickle
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / f"{callable_name}{protocol}.pt"
+    payload = _Calls(getattr(builtins, callable_name), f"open({str(marker)!r}, 'w')")
+    path.write_bytes(pickle.dumps({"model": payload}, protocol=protocol))
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint_file(path)
+    message = str(refused.value)
+    assert f"refers to 'builtins.{callable_name}'" in message and "refused without running" in message
+    assert "weights_only" not in message  # torch's advice (load with weights_only=False) would run the file
+    assert not marker.exists()
+
+
+def test_a_codecs_gadget_is_named_and_torchs_advice_never_quoted(tmp_path):
+    import _codecs
+    import pickle
+
+    path = tmp_path / "gadget.pt"
+    path.write_bytes(pickle.dumps({"model": _Calls(_codecs.encode, "payload", "rot13")}, protocol=4))
+    with pytest.raises(ValueError, match=r"refers to '_codecs.encode'") as refused:
+        load_checkpoint_file(path)
+    assert "weights_only" not in str(refused.value)
+
+
+def test_a_hostile_pickle_padded_with_a_large_object_is_scanned_without_reading_it_whole(tmp_path):
+    import pickle
+    import tracemalloc
+
+    path = tmp_path / "padded.pt"
+    padding = b"\0" * (200 * 2**20)  # 200 MB (the probe used 1.5 GB)
+    path.write_bytes(pickle.dumps({"padding": padding, "model": _Calls(os.mkdir, str(tmp_path / "x"))}, protocol=4))
+    del padding
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="refers to 'posix.mkdir'"):
+        load_checkpoint_file(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MB held to refuse the file"
+
+
+def test_a_damaged_compression_method_is_one_line_not_zipfiles_error(tmp_path):
+    import struct
+
+    path = tmp_path / "method.pt"
+    torch.save({"a": torch.zeros(10)}, path)
+    data = bytearray(path.read_bytes())
+    local, central = data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02")
+    data[local + 8 : local + 10] = data[central + 10 : central + 12] = struct.pack("<H", 99)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="cannot be read, it is truncated or corrupted"):
+        load_checkpoint_file(path)
+
+
+def _queue_state(queue, **changes):
+    return {"queue": queue, "feat_dim": 16, "num_crops": 2, "queue_length": 32, "version": 1, **changes}
+
+
+def test_a_queue_state_of_an_unknown_version_is_refused():
+    handler = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=32)
+    with pytest.raises(ValueError, match="format version 7; this ignite-swav reads version 1"):
+        handler.load_state_dict(_queue_state(torch.zeros(2, 32, 16), version=7))
+    assert handler.queue is None
+
+
+def test_an_expanded_queue_is_refused_before_its_values_are_touched(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "expanded.pt"
+    torch.save({"queue_handler": _queue_state(torch.zeros(1).expand(2, 50_000_000, 16))}, path)
+    assert path.stat().st_size < 10_000  # a small file claiming 6.4 GB of rows
+    handler = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=32)
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"claims \(2, 50000000, 16\) values but its storage holds 1"):
+        from ignite_swav import load_objects
+
+        load_objects({"queue_handler": handler}, path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 50 * 2**20 and handler.queue is None
+
+
+def test_optimizer_entries_of_another_kind_are_refused_at_load():
+    from ignite_swav import load_objects
+
+    model = torch.nn.Linear(2, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    adam.step()
+    with pytest.raises(ValueError, match="is the state of another optimizer than SGD: it has the settings"):
+        load_objects({"optimizer": sgd}, {"optimizer": adam.state_dict()})
+    state = sgd.state_dict()
+    state["param_groups"][0]["lr"] = "0.1"
+    with pytest.raises(ValueError, match="the setting 'lr' is '0.1', where the optimizer has 0.1"):
+        load_objects({"optimizer": sgd}, {"optimizer": state})
+    state["param_groups"][0]["lr"], state["param_groups"][0]["nesterov"] = 0.1, "yes"
+    with pytest.raises(ValueError, match="the setting 'nesterov' is 'yes'"):
+        load_objects({"optimizer": sgd}, {"optimizer": state})

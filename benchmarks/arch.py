@@ -19,7 +19,7 @@ from _machine import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from train_swav import SmallResNet  # noqa: E402
+from models import SmallResNet  # noqa: E402
 
 from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes  # noqa: E402
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Multi-crop augmentation throughput: the per-image pipeline (``MultiCropTransform`` in DataLoader workers)
-against the batched one (``BatchedMultiCrop`` on the device, the workers only decode), in images per second;
+against the batched one (``BatchedMultiCrop`` on the device, the workers only decode), and against decoding on
+the device too (the workers only read the files' bytes, ``decode_images`` decodes the batch), in images per second;
 with ``--train``, also SwAV training throughput fed by the batched augmentation against the same training
 step fed with pre-made crops.
 
@@ -23,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ignite_swav import BatchedMultiCrop, MultiCropTransform, collate_images, multicrop_collate
+from ignite_swav import BatchedMultiCrop, MultiCropTransform, collate_images, multicrop_collate, prepare_image_batch
 
 
 class JpegImages(Dataset):
@@ -46,6 +47,8 @@ class JpegImages(Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> Any:
+        if self.transform is None:  # the file's bytes, for decode_images on the device
+            return torch.frombuffer(bytearray(self.encoded[index]), dtype=torch.uint8), 0
         return self.transform(Image.open(io.BytesIO(self.encoded[index])).convert("RGB"))
 
 
@@ -110,7 +113,9 @@ def train_rates(args: argparse.Namespace, device: torch.device, transform: Multi
             crops = augment(images)
             data: Any = [crops] * (args.batches + 3)
         else:
-            dataset = JpegImages(args.images, *args.image_size, transform=v2.PILToTensor())
+            # the workers decode with PIL, or (--decode-on-device) only read the bytes, decoded by prepare_image_batch
+            transform = None if args.decode_on_device else v2.PILToTensor()
+            dataset = JpegImages(args.images, *args.image_size, transform=transform)
             data = DataLoader(
                 dataset,
                 batch_size=args.batch_size,
@@ -147,6 +152,7 @@ def main() -> None:
     add("--arch", default="resnet18", choices=("resnet18", "resnet50"))
     add("--amp", action="store_true", help="bfloat16 autocast in --train")
     add("--train-only", action="store_true", help="only the training measurement of --train")
+    add("--decode-on-device", action="store_true", help="in --train, decode the JPEGs on the device (nvJPEG on a GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     transform = settings(args.preset)
@@ -163,9 +169,8 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     def augmented(batch: Any) -> None:
-        images, _ = batch
-        images = [image.to(device, non_blocking=True) for image in images] if isinstance(images, list) else images
-        augment(images.to(device, non_blocking=True) if isinstance(images, torch.Tensor) else images)
+        images, _ = prepare_image_batch(batch, device=device, non_blocking=True)  # decodes file bytes on the device
+        augment(images)
         synchronised(batch)
 
     if not args.train_only:
@@ -173,6 +178,7 @@ def main() -> None:
         decoded = JpegImages(
             args.images, *args.image_size, transform=lambda image: (v2.functional.pil_to_tensor(image), 0)
         )
+        file_bytes = JpegImages(args.images, *args.image_size, transform=None)
         for workers in args.workers:
             rates = [
                 loader_rate(per_image, args.batch_size, workers, multicrop_collate, args.batches, synchronised)
@@ -182,9 +188,14 @@ def main() -> None:
                 loader_rate(decoded, args.batch_size, workers, collate_images, args.batches, augmented)
                 for _ in range(args.repeats)
             ]
+            on_device = [
+                loader_rate(file_bytes, args.batch_size, workers, collate_images, args.batches, augmented)
+                for _ in range(args.repeats)
+            ]
             print(
                 f"{workers:>2} workers: per-image MultiCropTransform {statistics.median(rates):8.1f}   "
-                f"decode in workers + BatchedMultiCrop on {device.type} {statistics.median(batched):8.1f}"
+                f"PIL decode in workers + BatchedMultiCrop on {device.type} {statistics.median(batched):8.1f}   "
+                f"bytes in workers + decode and BatchedMultiCrop on {device.type} {statistics.median(on_device):8.1f}"
             )
     images = torch.randint(0, 256, (args.batch_size, 3, *args.image_size), dtype=torch.uint8, device=device)
     augment(images)
@@ -198,8 +209,9 @@ def main() -> None:
     print(f"BatchedMultiCrop alone on {device.type}: {args.batch_size / statistics.median(seconds):8.1f} images/s")
     if args.train:
         premade, fed = train_rates(args, device, transform)
+        where = f"decode on {device.type}" if args.decode_on_device else "PIL decode in the workers"
         print(
-            f"training {args.arch}: pre-made crops {premade:.1f} images/s, fed by decode + BatchedMultiCrop "
+            f"training {args.arch}: pre-made crops {premade:.1f} images/s, fed by {where} + BatchedMultiCrop "
             f"{fed:.1f} images/s ({100 * (fed / premade - 1):+.1f}%)"
         )
 

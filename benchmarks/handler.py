@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The queue handler's own cost per epoch on 2 gloo processes: gathering the queue of both ranks
-(``state_dict``, a collective) and writing it through Ignite's ``Checkpoint`` with an atomic ``DiskSaver``
-(what ``SwAVQueueHandler.save_queue_file`` does), then loading it back and resharding it.
+"""The queue handler's own cost per epoch on 2 gloo processes: gathering the queue of both ranks (``gather``,
+the collective it runs at ``gather_event`` for ``state_dict``) and writing it through Ignite's ``Checkpoint`` with
+an atomic ``DiskSaver`` (what ``SwAVQueueHandler.save_queue_file`` does), then loading it back and resharding it.
 
     python benchmarks/handler.py                     # global queues of 2x3840x128 and 2x65536x128
 """
@@ -42,6 +42,7 @@ def _measure(local_rank: int, queue_lengths: list[int], feat_dim: int, repeats: 
             engine.state.epoch, engine.state.iteration = epoch, epoch * 100
             idist.barrier()
             start = time.perf_counter()
+            handler.gather(engine)
             state = handler.state_dict()
             gather.append(time.perf_counter() - start)
             idist.barrier()

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train_swav  # noqa: E402
-from swav_config import DATASETS  # noqa: E402
-from swav_data import DataBundle  # noqa: E402
+from models import build_model  # noqa: E402
+from swav_config import DATASETS, ExampleError, parse_args  # noqa: E402
+from swav_data import DataBundle, build_data  # noqa: E402
 
 from ignite_swav import (  # noqa: E402
     extract_features,
@@ -68,16 +68,16 @@ def is_release(checkpoint: Any) -> bool:
 def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The checkpoint and the run settings stored in it (``None`` for a release); bad files raise ExampleError."""
     if not path.is_file():
-        raise train_swav.ExampleError(f"--checkpoint '{path}' does not exist")
+        raise ExampleError(f"--checkpoint '{path}' does not exist")
     try:
         checkpoint = load_checkpoint_file(path)
     except ValueError as error:
-        raise train_swav.ExampleError(str(error)) from None
+        raise ExampleError(str(error)) from None
     if is_release(checkpoint):
         return checkpoint, None
     config = checkpoint.get("history", {}).get("config") if isinstance(checkpoint, dict) else None
     if not config or "model" not in checkpoint:
-        raise train_swav.ExampleError(
+        raise ExampleError(
             f"--checkpoint '{path}' is neither a checkpoint written by train_swav.py nor a facebookresearch/swav "
             "release"
         )
@@ -90,7 +90,7 @@ def load_model(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None
     try:
         load_objects({"model": model}, {"model": checkpoint["model"]})
     except ValueError as error:
-        raise train_swav.ExampleError(
+        raise ExampleError(
             f"--checkpoint '{path}' holds a model that train_swav.py does not build from its settings any more "
             f"(written by an earlier version?): {error}"
         ) from None
@@ -127,29 +127,29 @@ def backbones(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, DataBundl
     checkpoint, config = load_settings(args.checkpoint)
     dataset = args.dataset or (config or {}).get("dataset")
     if dataset is None:
-        raise train_swav.ExampleError(
+        raise ExampleError(
             f"--checkpoint '{args.checkpoint}' is a facebookresearch/swav release, which names no data set: pass "
             "--dataset"
         )
-    run_args = train_swav.parse_args(
+    run_args = parse_args(
         ["--dataset", dataset, "--data-dir", str(args.data_dir), "--output-dir", str(args.checkpoint.parent)]
     )
     if config is None:
         try:
             model = load_official_checkpoint(checkpoint, arch=args.arch)
         except ValueError as error:
-            raise train_swav.ExampleError(f"--checkpoint '{args.checkpoint}': {error}") from None
-        from torchvision import models
+            raise ExampleError(f"--checkpoint '{args.checkpoint}': {error}") from None
+        from torchvision import models as torchvision_models
 
         torch.manual_seed(0)
-        random_backbone = getattr(models, args.arch)()
+        random_backbone = getattr(torchvision_models, args.arch)()
         random_backbone.fc = nn.Identity()
-        return model.backbone, random_backbone, train_swav.build_data(run_args), dataset, None
+        return model.backbone, random_backbone, build_data(run_args), dataset, None
     for key, value in config.items():
         setattr(run_args, key, value)
-    data = train_swav.build_data(run_args)
-    model = train_swav.build_model(run_args)
-    random_backbone = train_swav.build_model(run_args).backbone
+    data = build_data(run_args)
+    model = build_model(run_args)
+    random_backbone = build_model(run_args).backbone
     load_model(model, checkpoint, args.checkpoint)
     epochs = checkpoint["trainer"]["iteration"] // max(1, checkpoint["trainer"]["epoch_length"])
     return model.backbone, random_backbone, data, dataset, epochs
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         backbone, random_backbone, data, dataset, epochs = backbones(args)
-    except train_swav.ExampleError as error:
+    except ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,10 @@ COMMON: dict[str, Any] = {
     "amp": False,
     "num_workers": 4,
     "gpu_augment": False,
+    "decode_on_device": False,
     "knn_k": 20,
     "online_probe": True,
+    "deterministic": True,
     "eval_every": 1,
     "expected_world_size": None,
 }
@@ -188,7 +189,9 @@ CONFIG_KEYS = (
     "knn_k",
     "eval_every",
     "online_probe",
+    "deterministic",
     "gpu_augment",
+    "decode_on_device",
     "num_workers",
     "seed",
 )
@@ -239,7 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", type=Path, default=Path("data"), help="where a real data set lies (default: data)")
     add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
     add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results (default: runs/swav)")
-    add("--resume-from", type=Path, default=None, help="checkpoint of this script to continue from, up to --epochs")
+    add(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="checkpoint of this script to continue from, up to --epochs; 'auto': the newest valid one of "
+        "--output-dir, or a fresh start when there is none (for jobs that are requeued)",
+    )
     setting("--epochs", "total epochs", type=int)
     setting("--batch-size", "batch size per process", type=int)
     setting("--lr", "peak learning rate", type=float)
@@ -282,10 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
         "multi-crop whole batches on the training device (BatchedMultiCrop); the DataLoader only loads images",
         action=argparse.BooleanOptionalAction,
     )
+    setting(
+        "--decode-on-device",
+        "imagefolder: the workers only read the files' bytes, the training device decodes whole batches (nvJPEG on "
+        "a GPU) before --gpu-augment makes the crops",
+        action=argparse.BooleanOptionalAction,
+    )
     setting("--num-workers", "DataLoader worker processes per training process", type=int)
     setting("--eval-size", "image size of the k-NN probe", type=int)
     setting("--knn-k", "neighbours of the k-NN probe", type=int)
     setting("--eval-every", "run the k-NN probe every N epochs (and after the last)", type=int)
+    setting(
+        "--deterministic",
+        "reseed every epoch from a run seed saved in the checkpoint (Ignite's DeterministicEngine), so that a resumed "
+        "run trains exactly as the uninterrupted one on the same number of processes; on CUDA, deterministic "
+        "algorithms can be slower",
+        action=argparse.BooleanOptionalAction,
+    )
     setting(
         "--online-probe",
         "train a linear classifier on the backbone's features during pretraining (data sets with labels)",
@@ -295,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="torch.compile the model (slow first steps; for GPUs)")
     add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")
     add("--backend", choices=("gloo", "nccl"), default=None, help="distributed backend (default: none, 1 process)")
+    add(
+        "--master-port",
+        type=int,
+        default=None,
+        help="port the spawned processes meet on (default: MASTER_PORT if set, else a free port of this machine, so "
+        "that two runs can share it)",
+    )
     add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
     add("--max-iters-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # for quick tests
     return parser
@@ -376,10 +405,15 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "freeze_prototypes_iters": (0, None),
     "num_workers": (0, None),
     "warmup_epochs": (0, None),
-    "seed": (0, None),
+    "seed": (0, 2**31 - 1),  # numpy's generator takes at most 2**32 - 1, and every rank adds its rank
     "nproc_per_node": (1, None),
+    "master_port": (1, 65535),
     "max_iters_per_epoch": (1, None),
 }
+
+
+# the largest sensible value of some float settings: larger ones are typing mistakes (SwAV's recipes use lr 0.6-4.8)
+_LARGEST = {"lr": 1000.0, "final_lr": 1000.0, "warmup_start_lr": 1000.0, "weight_decay": 10.0, "momentum": 1.0}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -391,27 +425,24 @@ def check_args(args: argparse.Namespace) -> None:
         _finite(args, key, 0.0, strict=True)
     for key in ("final_lr", "warmup_start_lr", "weight_decay", "momentum"):
         _finite(args, key, 0.0, strict=False)
+    for key, largest in _LARGEST.items():
+        if getattr(args, key) > largest:
+            raise ExampleError(f"--{key.replace('_', '-')} must be at most {largest:g}, got {getattr(args, key):g}")
+    for key in ("temperature", "epsilon"):  # scores / temperature and scores / epsilon must fit float32
+        if getattr(args, key) < 1e-30:
+            raise ExampleError(f"--{key} must be at least 1e-30, got {getattr(args, key):g}")
     if args.freeze_prototypes_epochs is not None:
         _finite(args, "freeze_prototypes_epochs", 0.0, strict=False)
+    if args.decode_on_device and (args.dataset != "imagefolder" or not args.gpu_augment):
+        raise ExampleError(
+            "--decode-on-device is for --dataset imagefolder (files of JPEG or PNG images) with --gpu-augment (the "
+            f"crops made on the device); got --dataset {args.dataset}"
+            f"{'' if args.gpu_augment else ' and --no-gpu-augment'}"
+        )
     try:
         crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
     except ValueError as error:
         raise ExampleError(f"crop settings (--size-crops, --num-crops, --min/max-scale-crops): {error}") from None
-    check_output_dir_path(args.output_dir)
-
-
-def check_output_dir_path(path: Path) -> None:
-    """Refuse an output directory that cannot hold the run's files, before any work is done."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        where = "is" if probe == path else f"lies under '{probe}', which is"
-        raise ExampleError(f"--output-dir '{path}' {where} a file, not a directory")
-    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ExampleError(f"--output-dir '{path}' cannot be written (no write permission on '{probe}')")
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -81,6 +81,11 @@ class DataBundle:
     num_classes: int | None = None  # the pretraining images' classes; None when they have no labels (STL-10)
 
 
+def file_bytes(path: str) -> torch.Tensor:
+    """The bytes of an image file as a 1-D uint8 tensor, for ``ignite_swav.decode_images`` on the device."""
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
 def eval_transform(size: int, multicrop: MultiCropTransform) -> v2.Compose:
     """What the k-NN probe sees: the image resized to ``size``, normalised as the crops are."""
     return v2.Compose(
@@ -149,7 +154,10 @@ def build_data(args: argparse.Namespace) -> DataBundle:
                 f"imagefolder needs '{folder}': --data-dir must hold train/ and val/, each with one sub-folder of "
                 "images per class"
             )
-    pretrain = datasets.ImageFolder(str(train_dir), transform=pretrain_transform)  # workers decode JPEG/PNG
+    if args.decode_on_device:  # the workers read the files' bytes; the training device decodes whole batches
+        pretrain = datasets.ImageFolder(str(train_dir), loader=file_bytes)
+    else:
+        pretrain = datasets.ImageFolder(str(train_dir), transform=pretrain_transform)  # workers decode JPEG/PNG
     return DataBundle(
         pretrain,
         datasets.ImageFolder(str(train_dir), transform=evaluate),

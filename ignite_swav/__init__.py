@@ -3,6 +3,7 @@
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
 from ignite_swav.checkpoint import load_checkpoint_file, load_objects
 from ignite_swav.clusters import assign_clusters
+from ignite_swav.decode import decode_images
 from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
@@ -37,6 +38,7 @@ __all__ = [
     "collate_images",
     "create_knn_evaluator",
     "create_swav_trainer",
+    "decode_images",
     "diagnose",
     "export_backbone",
     "extract_features",

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from ignite_swav.transforms import MultiCropSettings, _blur_kernel_size
+from ignite_swav.transforms import MultiCropSettings, blur_kernel_size
 
 __all__ = ["BatchedMultiCrop", "collate_images"]
 
@@ -233,7 +233,7 @@ class BatchedMultiCrop(MultiCropSettings):
         chosen = (torch.rand(count, device=device) < self.blur_prob).nonzero().squeeze(1)
         if chosen.numel() == 0:
             return views
-        kernel_size = _blur_kernel_size(size)
+        kernel_size = blur_kernel_size(size)
         half = kernel_size // 2
         sigma = _uniform(chosen.numel(), *self.blur_sigma, device)
         taps = torch.arange(-half, half + 1, device=device, dtype=views.dtype)
@@ -252,7 +252,8 @@ class BatchedMultiCrop(MultiCropSettings):
 def collate_images(batch: Sequence[Any]) -> Tensor | list[Tensor] | tuple[Tensor | list[Tensor], Tensor]:
     """Collate uint8 images for :class:`BatchedMultiCrop`: one ``(B, C, H, W)`` tensor when all images have the
     same shape, else the list of images (``BatchedMultiCrop`` pads them); ``(image, target)`` samples give
-    ``(images, targets)``.
+    ``(images, targets)``. The bytes of encoded files (1-D tensors, from ``torchvision.io.read_file``) stay a list,
+    for :func:`~ignite_swav.prepare_image_batch` to decode on the device.
 
     Example:
         >>> import torch
@@ -271,7 +272,8 @@ def collate_images(batch: Sequence[Any]) -> Tensor | list[Tensor] | tuple[Tensor
                 f"sample {i} is a {type(image).__name__}, not an image tensor: give the data set a transform that "
                 "returns uint8 (C, H, W) tensors, such as torchvision.transforms.v2.PILToTensor()"
             )
-    same_shape = all(image.shape == images[0].shape for image in images)
+    # encoded files' bytes (1-D) are never stacked: prepare_image_batch decodes them on the device
+    same_shape = images[0].ndim > 1 and all(image.shape == images[0].shape for image in images)
     stacked: Tensor | list[Tensor] = torch.stack(images) if same_shape else images
     if with_targets:
         return stacked, torch.as_tensor([sample[1] for sample in batch])

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from ignite.handlers.param_scheduler import BaseParamScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._pickle_scan import referenced_callables
+from ignite_swav._validation import check_int
 from ignite_swav._wrappers import unwrap_model
 
 __all__ = ["load_checkpoint_file", "load_objects"]
@@ -218,7 +220,13 @@ def _check_engine_state(key: str, state: Any) -> None:
     Engine(lambda engine, batch: None).load_state_dict(state)  # Ignite's own checks of required keys
 
 
-def load_objects(to_load: Mapping[str, Any], checkpoint: str | Path | Mapping[str, Any], **kwargs: Any) -> None:
+def load_objects(
+    to_load: Mapping[str, Any],
+    checkpoint: str | Path | Mapping[str, Any],
+    *,
+    epoch_length: int | None = None,
+    **kwargs: Any,
+) -> None:
     """``Checkpoint.load_objects`` that loads every object or none: the file is verified
     (:func:`load_checkpoint_file`), then every object's state is checked before any object is loaded.
 
@@ -231,13 +239,26 @@ def load_objects(to_load: Mapping[str, Any], checkpoint: str | Path | Mapping[st
     engines: integer counters; objects with a ``validate_state_dict`` method (:class:`SwAVQueueHandler`): that
     method; any other object: its ``load_state_dict`` on a copy.
 
+    Resuming on another number of processes (or with another batch size), the new data loader has another epoch
+    length; pass it as ``epoch_length`` (``len(loader)``). When the trainer in ``to_load`` was saved with another
+    one, it resumes at the same point of the run: the checkpoint must be from the end of an epoch, the
+    iteration becomes ``epoch * epoch_length``, and every Ignite parameter scheduler in ``to_load``
+    (``ParamScheduler``, ``LRScheduler``, ``ConcatScheduler``, ...), built for the new epoch length and
+    attached to the trainer but not yet run, is stepped to the same fraction of its events instead of
+    loading its saved counts: per iteration if attached to ``ITERATION_*`` events, per epoch otherwise.
+    The queue of a :class:`~ignite_swav.SwAVQueueHandler` in ``to_load`` is resharded by its own
+    ``load_state_dict``.
+
     Args:
         to_load: the objects, as given to ``Checkpoint``.
         checkpoint: a checkpoint file path, or its loaded contents.
+        epoch_length: the epoch length of the run that resumes (``len(loader)``).
         kwargs: passed to ``Checkpoint.load_objects`` (such as ``strict``).
 
     Raises:
-        ValueError: a key is missing or an entry is bad (the message names the key); nothing was loaded.
+        ValueError: a key is missing or an entry is bad (the message names the key); nothing was loaded. With
+            ``epoch_length``: a checkpoint from the middle of an epoch of another length, or a scheduler that
+            already ran.
 
     Example:
         >>> import tempfile, torch
@@ -282,7 +303,55 @@ def load_objects(to_load: Mapping[str, Any], checkpoint: str | Path | Mapping[st
             except Exception as error:  # whatever the object raises, it means this entry cannot be used
                 detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
                 raise ValueError(f"checkpoint entry '{key}' cannot be loaded ({detail})") from None
-    Checkpoint.load_objects(to_load=to_load, checkpoint=dict(state), **kwargs)
+    rescaled = _epoch_length_change(to_load, state, epoch_length)
+    if rescaled is None:
+        Checkpoint.load_objects(to_load=to_load, checkpoint=dict(state), **kwargs)
+        return
+    trainer_key, old_length = rescaled
+    schedulers = {k: v for k, v in to_load.items() if isinstance(v, BaseParamScheduler)}
+    loaded = {k: v for k, v in to_load.items() if k not in schedulers}
+    Checkpoint.load_objects(to_load=loaded, checkpoint={k: state[k] for k in loaded}, **kwargs)
+    trainer = to_load[trainer_key]
+    assert epoch_length is not None
+    trainer.state.iteration = trainer.state.epoch * epoch_length
+    trainer.state.epoch_length = epoch_length
+    for key, scheduler in schedulers.items():
+        saved = state[key].get("event_index", 0) if isinstance(state[key], Mapping) else 0
+        per_iteration = any(
+            trainer.has_event_handler(scheduler, event)
+            for event in (Events.ITERATION_STARTED, Events.ITERATION_COMPLETED)
+        ) or not any(
+            trainer.has_event_handler(scheduler, event) for event in (Events.EPOCH_STARTED, Events.EPOCH_COMPLETED)
+        )
+        target = round(int(saved) * epoch_length / old_length) if per_iteration else int(saved)
+        for _ in range(target):  # the scheduler's own steps: right for warm-ups, cycles and concatenations alike
+            scheduler(None)
+
+
+def _epoch_length_change(
+    to_load: Mapping[str, Any], state: Mapping[str, Any], epoch_length: int | None
+) -> tuple[str, int] | None:
+    """``(key of the trainer, its saved epoch length)`` when the run resumes on another epoch length, else None;
+    raises when that cannot be done exactly."""
+    if epoch_length is None:
+        return None
+    epoch_length = check_int("epoch_length", epoch_length, 1)
+    engines = [key for key, obj in to_load.items() if isinstance(obj, Engine)]
+    if len(engines) != 1:
+        raise ValueError(f"epoch_length needs exactly one Engine (the trainer) in to_load, got {engines or 'none'}")
+    saved = state[engines[0]]
+    old_length, iteration = saved.get("epoch_length"), saved.get("iteration", 0)
+    if old_length is None or old_length == epoch_length:
+        return None
+    if iteration % old_length != 0:
+        raise ValueError(
+            f"the checkpoint is from iteration {iteration}, in the middle of an epoch of {old_length} iterations: "
+            f"a run resumes on another epoch length ({epoch_length}) only from the end of an epoch"
+        )
+    for key, obj in to_load.items():
+        if isinstance(obj, BaseParamScheduler) and getattr(obj, "event_index", 0) != 0:
+            raise ValueError(f"'{key}' has already run {obj.event_index} steps: give schedulers as built, not yet run")
+    return engines[0], old_length
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -3,29 +3,73 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ignite import distributed as idist
 from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ignite_swav._distributed import values_by_rank
 from ignite_swav._validation import check_int, device_type_of, resolve_autocast_dtype
+from ignite_swav.decode import decode_images, is_encoded_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
 
 __all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
 
 
-class _WeightsOnlyDeterministicEngine(DeterministicEngine):
-    """A ``DeterministicEngine`` whose ``state_dict`` loads with ``torch.load(weights_only=True)``.
+class _ResumableDeterministicEngine(DeterministicEngine):
+    """Ignite's ``DeterministicEngine`` (each epoch reseeded from a run seed, the data order reproducible), made to
+    resume exactly and to load with ``torch.load(weights_only=True)``.
 
-    Ignite stores numpy's random state as a numpy array, which the weights-only unpickler refuses; here it is a
-    tensor in the checkpoint and becomes numpy's own form again on load.
+    Ignite draws the run seed from torch's generator when the run starts, so a resumed process that used the
+    generator differently before ``run`` (building a probe while loading, say) would draw another one; and it
+    stores numpy's random state as a numpy array, which the weights-only unpickler refuses. Here the seed of
+    every rank is gathered when the run starts and saved in ``state_dict`` (rank 0's checkpoint holds all of
+    them), restored on load when the number of processes is the same; numpy's state is saved as a tensor.
     """
+
+    def __init__(self, process_function: Callable[[Engine, Any], Any]) -> None:
+        super().__init__(process_function)
+        self._seeds: list[int] | None = None
+        self._restored_seeds: list[int] | None = None
+        self._pending_rng_states: Any = None
+        self.add_event_handler(Events.GET_BATCH_COMPLETED, self._restore_rng_states_after_first_batch)
+
+    def _setup_engine(self) -> None:
+        # Resuming in the middle of a pass over the data, Ignite restores the saved random state before the first
+        # batch is drawn, but the batch sampler draws its order lazily, at that first batch: from the restored
+        # state instead of the run's. The state is restored once that batch is drawn instead.
+        rng_states = getattr(self.state, "rng_states", None)
+        length = self._get_data_length(self.state.dataloader) if self.state.dataloader is not None else None
+        if rng_states is not None and length and self.state.iteration % length > 0:
+            self._pending_rng_states, self.state.rng_states = rng_states, None
+        super()._setup_engine()
+
+    def _restore_rng_states_after_first_batch(self) -> None:
+        if self._pending_rng_states is not None:
+            states, self._pending_rng_states = self._pending_rng_states, None
+            # the layout of Ignite's DeterministicEngine: Python's, torch's, then numpy's state
+            random.setstate(states[0])
+            torch.set_rng_state(states[1].cpu())
+            if len(states) > 2:  # saved where numpy was installed (torch does not require it)
+                import numpy
+
+                numpy.random.set_state(states[2])
+
+    def _init_run(self) -> None:
+        super()._init_run()
+        seeds = self._restored_seeds
+        if seeds is not None and len(seeds) == idist.get_world_size():
+            self.state.seed = int(seeds[idist.get_rank()])
+        self._restored_seeds = None
+        self._seeds = [row[0] for row in values_by_rank([int(self.state.seed)])]
 
     def state_dict(self) -> Any:
         state = super().state_dict()
@@ -34,10 +78,15 @@ class _WeightsOnlyDeterministicEngine(DeterministicEngine):
             name, keys, *rest = rng_states[2]
             rng_states[2] = (name, torch.from_numpy(keys.astype("int64")), *rest)
         state["rng_states"] = rng_states
+        if self._seeds is not None:
+            state["seeds"] = list(self._seeds)
         return state
 
     def load_state_dict(self, state_dict: Any) -> None:
+        state_dict = dict(state_dict)
+        seeds = state_dict.pop("seeds", None)
         super().load_state_dict(state_dict)
+        self._restored_seeds = [int(s) for s in seeds] if isinstance(seeds, (list, tuple)) else None
         rng_states = getattr(self.state, "rng_states", None)
         if rng_states is not None and len(rng_states) > 2 and isinstance(rng_states[2][1], Tensor):
             name, keys, *rest = rng_states[2]
@@ -86,7 +135,9 @@ def prepare_image_batch(
 ) -> tuple[Tensor | list[Tensor], Tensor | None]:
     """``(images, target)`` of a batch of raw images, moved to ``device``, for an on-device augmentation such as
     :class:`~ignite_swav.BatchedMultiCrop`: the images are a ``(B, C, H, W)`` tensor or a list of ``(C, H, W)``
-    images, alone (target ``None``) or paired with a 1-D target tensor.
+    images, alone (target ``None``) or paired with a 1-D target tensor. A list of 1-D uint8 tensors is taken
+    for the bytes of encoded image files (``torchvision.io.read_file``) and decoded on ``device`` by
+    :func:`~ignite_swav.decode_images`: the DataLoader workers then only read files.
 
     Example:
         >>> import torch
@@ -98,13 +149,16 @@ def prepare_image_batch(
     """
     images, target = _without_target(batch)
     y = None if target is None else convert_tensor(target, device=device, non_blocking=non_blocking)
+    if is_encoded_batch(images):  # file bytes: decoded together on the device (nvJPEG on a GPU)
+        return decode_images(images, device), y
     if isinstance(images, Tensor) and images.ndim == 4:
         return convert_tensor(images, device=device, non_blocking=non_blocking), y
     if isinstance(images, (tuple, list)) and images and all(isinstance(i, Tensor) and i.ndim == 3 for i in images):
         return [convert_tensor(image, device=device, non_blocking=non_blocking) for image in images], y
     described = f"a tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
     raise TypeError(
-        "with augment=..., a batch must hold raw images: a (B, C, H, W) tensor or a list of (C, H, W) tensors, "
+        "with augment=..., a batch must hold raw images: a (B, C, H, W) tensor, a list of (C, H, W) tensors or of "
+        "encoded files' bytes (1-D uint8 tensors), "
         f"alone or with a 1-D target tensor; got {described} (use ignite_swav.collate_images in the DataLoader)"
     )
 
@@ -194,7 +248,10 @@ def create_swav_trainer(
             ``(crops, target)`` batches.
         model_transform: maps the model's output to ``(embeddings, scores)``.
         output_transform: ``(x, y, y_pred, loss) -> output``; default ``loss.item()``.
-        deterministic: return an ``ignite.engine.DeterministicEngine``.
+        deterministic: return an ``ignite.engine.DeterministicEngine``: every epoch reseeded from a run seed and the
+            data order reproducible, so that a run resumed from a checkpoint (on the same number of processes)
+            trains exactly as the uninterrupted run; the run seeds of all ranks are saved in its ``state_dict``.
+            On CUDA it turns on ``torch.use_deterministic_algorithms`` (warn only), which can be slower.
         amp_mode: ``None`` or ``"amp"`` for ``torch.autocast``.
         scaler: ``True`` (a ``GradScaler`` is created and put on ``trainer.state.scaler``, for checkpoints) or a
             ``torch.amp.GradScaler`` (also put there), for float16 autocast on CUDA.
@@ -345,7 +402,7 @@ def create_swav_trainer(
     def reset_queue_used(_: Engine) -> None:
         queue_used_in_run[0] = False
 
-    trainer = _WeightsOnlyDeterministicEngine(update) if deterministic else Engine(update)
+    trainer = _ResumableDeterministicEngine(update) if deterministic else Engine(update)
     trainer.register_events(*SwAVEvents)
     trainer.add_event_handler(Events.STARTED, reset_queue_used)
     if grad_scaler is not None:

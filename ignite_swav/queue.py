@@ -288,6 +288,7 @@ class SwAVQueueHandler(Serializable):
         """Write the queue of all ranks to ``dirname`` (a collective), keeping the last 2 files."""
         if self.dirname is None:
             return
+        self.gather(engine)
         if self._saver is None:
             self._saver = Checkpoint(
                 {"queue": self},

@@ -22,8 +22,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _blur_kernel_size(crop_size: int) -> int:
-    # About 10% of the crop, odd, at least 3 (SimCLR's and SwAV's choice: 23 px for 224 px crops).
+def blur_kernel_size(crop_size: int) -> int:
+    """The Gaussian blur's kernel size for a crop of ``crop_size`` pixels: about 10% of the crop, odd, at least 3
+    (SimCLR's and SwAV's choice: 23 px for 224 px crops); shared by the per-image and the batched augmentation."""
     return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
 
 
@@ -245,7 +246,7 @@ class MultiCropTransform(MultiCropSettings):
                 v2.RandomGrayscale(p=0.2),
             ]
             if self.blur_prob > 0:
-                kernel = _blur_kernel_size(size)
+                kernel = blur_kernel_size(size)
                 steps.append(v2.RandomApply([v2.GaussianBlur(kernel, self.blur_sigma)], p=self.blur_prob))
             steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
             self.crop_transforms += [v2.Compose(steps)] * n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,56 @@ def test_a_missing_entry_is_named(tmp_path: Path):
     _, path = trained(tmp_path)
     with pytest.raises(ValueError, match=r"the checkpoint has no entry \['scheduler'\]"):
         load_objects({**fresh(), "scheduler": torch.optim.lr_scheduler.StepLR(fresh()["optimizer"], 1)}, path)
+
+
+def _cosine_run(epochs: int, epoch_length: int):
+    """A trainer whose learning rate follows one cosine over the whole run, and its optimizer and scheduler."""
+    from ignite.engine import Engine, Events
+    from ignite.handlers import CosineAnnealingScheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer = Engine(lambda engine, batch: optimizer.param_groups[0]["lr"])
+    scheduler = CosineAnnealingScheduler(optimizer, "lr", 1.0, 0.0, cycle_size=epochs * epoch_length)
+    trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+    return trainer, optimizer, scheduler
+
+
+def _resumed_on_two_processes_worker(rank: int, path: str) -> None:
+    import ignite.distributed as idist
+    from ignite.engine import Events
+
+    loader = idist.auto_dataloader(list(range(16)), batch_size=8, drop_last=True)  # 4 a rank: 2 batches an epoch
+    trainer, optimizer, scheduler = _cosine_run(epochs=4, epoch_length=len(loader))
+    load_objects({"trainer": trainer, "optimizer": optimizer, "lr": scheduler}, path, epoch_length=len(loader))
+    assert trainer.state.epoch_length == 2 and trainer.state.iteration == 2 * 2
+    rates = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: rates.append(optimizer.param_groups[0]["lr"]))
+    trainer.run(loader, max_epochs=4)
+    # the second half of the same cosine: iteration 8 of 16 on one process is iteration 4 of 8 on two
+    expected = [0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(4, 8)]
+    assert rates == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_run_saved_on_one_process_resumes_on_two_at_the_same_point_of_its_schedule(tmp_path):
+    import ignite.distributed as idist
+
+    # 2 of 4 epochs on one process, 4 iterations an epoch
+    trainer, optimizer, scheduler = _cosine_run(epochs=4, epoch_length=4)
+    trainer.run(range(4), max_epochs=2)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(
+        {"trainer": trainer.state_dict(), "optimizer": optimizer.state_dict(), "lr": scheduler.state_dict()}, path
+    )
+    idist.spawn("gloo", _resumed_on_two_processes_worker, args=(str(path),), nproc_per_node=2)
+
+
+def test_another_epoch_length_from_the_middle_of_an_epoch_or_with_a_used_scheduler_is_refused(tmp_path):
+    trainer, optimizer, scheduler = _cosine_run(epochs=4, epoch_length=3)
+    trainer.run(range(3), max_epochs=1)
+    state = {"trainer": {**trainer.state_dict(), "iteration": 2}, "lr": scheduler.state_dict()}  # mid-epoch
+    fresh, _, fresh_scheduler = _cosine_run(epochs=4, epoch_length=2)
+    with pytest.raises(ValueError, match="from iteration 2, in the middle of an epoch of 3 iterations"):
+        load_objects({"trainer": fresh, "lr": fresh_scheduler}, state, epoch_length=2)
+    state["trainer"]["iteration"] = 3
+    with pytest.raises(ValueError, match="'lr' has already run 3 steps"):
+        load_objects({"trainer": fresh, "lr": scheduler}, state, epoch_length=2)

@@ -409,6 +409,39 @@ def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tm
     assert resumed_losses == pytest.approx(losses[8:], rel=1e-5)
 
 
+def test_a_deterministic_run_resumes_exactly_whatever_the_resumed_process_drew_before(tmp_path: Path):
+    def shuffled_loader():
+        crops = random_crops(16, sizes=(16, 16, 8, 8))
+        return torch.utils.data.DataLoader(
+            list(zip(zip(*[c for c in crops]), range(16))),
+            batch_size=4,
+            shuffle=True,
+            collate_fn=lambda samples: ([torch.stack(c) for c in zip(*[s[0] for s in samples])], torch.arange(4)),
+        )
+
+    def make():
+        trainer, to_save = trainer_with_queue(deterministic=True)
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
+        return trainer, to_save, losses
+
+    torch.manual_seed(3)
+    trainer, to_save, losses = make()
+    saver = Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    trainer.run(shuffled_loader(), max_epochs=4)
+
+    resumed, to_load, resumed_losses = make()
+    torch.manual_seed(999)
+    torch.randn(100)  # the resumed process used its generator otherwise: the run seed comes from the checkpoint
+    Checkpoint.load_objects(to_load, str(tmp_path / "checkpoint_12.pt"))
+    resumed.run(shuffled_loader(), max_epochs=4)
+    assert resumed_losses == losses[12:]  # bit-equal, not approximately
+    assert torch.equal(to_load["queue_handler"].queue, to_save["queue_handler"].queue)
+    for a, b in zip(to_save["model"].parameters(), to_load["model"].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_the_library_trains_exactly_as_the_reference_training_loop():
     from reference import reference_swav_training
 

@@ -13,6 +13,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import linear_eval  # noqa: E402
+import models  # noqa: E402
+import run_dir  # noqa: E402
 import train_swav  # noqa: E402
 from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
@@ -55,7 +57,7 @@ def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys)
     assert any((output / "tensorboard").iterdir())  # Ignite's TensorboardLogger: tensorboard is in the test extra
     assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
     checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
-    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe"}
+    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe", "lr_cosine", "lr_warmup"}
     assert checkpoint["queue_handler"]["queue"].shape == (2, 32, 16)
     printed = capsys.readouterr().out
     assert "kNN top-1 0." in printed and "random init" in printed and "raw pixels" in printed
@@ -241,6 +243,31 @@ def test_with_gpu_augment_the_loaders_give_raw_images_that_batch_into_crops(tmp_
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
+def test_an_imagefolder_of_jpegs_is_decoded_on_the_device(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "jpegs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):  # photos of ImageNet's usual size, 500x375 and 375x500
+                size = (375, 500, 3) if i % 2 else (500, 375, 3)
+                Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / f"{i}.jpg", quality=85)
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "jpegs"), "--gpu-augment", "--decode-on-device"]
+    data = train_swav.build_data(train_swav.parse_args(args))
+    sample, label = data.pretrain[0]
+    assert sample.ndim == 1 and sample.dtype == torch.uint8  # the file's bytes: the workers decode nothing
+    args += ["--epochs", "1", "--num-workers", "0", "--batch-size", "4", "--max-iters-per-epoch", "2"]
+    args += ["--queue-length", "0", "--num-prototypes", "10", "--hidden-dim", "16", "--feat-dim", "8"]
+    args += ["--arch", "resnet18", "--size-crops", "64", "32", "--eval-size", "32", "--no-online-probe"]
+    assert train_swav.main([*args, "--output-dir", str(tmp_path / "out")]) == 0
+    assert results(tmp_path / "out")["epochs"] == 1
+
+
+def test_decoding_on_the_device_needs_an_imagefolder_and_the_batched_crops(tmp_path: Path, capsys):
+    assert train_swav.main(["--decode-on-device", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--decode-on-device is for --dataset imagefolder" in capsys.readouterr().err
+
+
 def test_digits_with_per_image_augmentation_in_workers(tmp_path: Path):
     status, output = run(tmp_path, "--epochs", "1", "--no-gpu-augment")
     assert status == 0 and results(output)["epochs"] == 1
@@ -281,6 +308,14 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--freeze-prototypes-iters", "5", "--freeze-prototypes-epochs", "1"], "not both"),
         (["--output-dir", "{tmp}/a_file"], "--output-dir '.*a_file' is a file, not a directory"),
         (["--output-dir", "{tmp}/a_file/run"], "lies under '.*a_file', which is a file"),
+        (["--lr", "1e30"], "--lr must be at most 1000, got 1e\\+30"),
+        (["--temperature", "1e-300"], "--temperature must be at least 1e-30, got 1e-300"),
+        (["--epsilon", "1e-320"], "--epsilon must be at least 1e-30"),
+        (["--size-crops", "60000", "16"], "size_crops\\[0\\] must be at most 8192 pixels, got 60000"),
+        (["--seed", str(2**64)], "--seed must be <= 2147483647, got 18446744073709551616"),
+        (["--output-dir", "/proc/swav_run"], "--output-dir '/proc/swav_run' cannot be created"),
+        (["--output-dir", "{tmp}/" + "x" * 300], "--output-dir has a name of 300 bytes"),
+        (["--master-port", "70000"], "--master-port must be <= 65535, got 70000"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv, message):
@@ -294,6 +329,7 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv, message):
     import re
 
     assert re.search(message, err), err
+    assert not (tmp_path / "out").exists(), "a refused run creates nothing"
 
 
 def test_checkpoints_that_are_corrupted_or_of_another_model_are_refused(tmp_path: Path, capsys):
@@ -380,11 +416,41 @@ def test_killed_mid_run_the_newest_checkpoint_loads_and_the_run_finishes(tmp_pat
     assert not (output / train_swav.LOCK_NAME).exists()
 
 
+def test_a_run_killed_mid_epoch_and_resumed_ends_bit_equal_to_the_uninterrupted_run(tmp_path: Path):
+    import signal
+    import subprocess
+    import time
+
+    epochs = ["--epochs", "6"]
+    assert train_swav.main([*TINY, *epochs, "--output-dir", str(tmp_path / "whole")]) == 0
+    output = tmp_path / "killed"
+    argv = [sys.executable, str(Path(train_swav.__file__)), *TINY, *epochs, "--output-dir", str(output)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoints(output) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)  # in the second epoch, most likely: its batches half drawn
+    finally:
+        process.wait()
+    newest = checkpoints(output)[-1]
+    assert torch.load(newest, weights_only=True)["trainer"]["iteration"] < 18, "killed before the end"
+    assert train_swav.main([*TINY, *epochs, "--output-dir", str(output), "--resume-from", str(newest)]) == 0
+    whole = torch.load(checkpoints(tmp_path / "whole")[-1], weights_only=True)
+    resumed = torch.load(checkpoints(output)[-1], weights_only=True)
+    for name, tensor in whole["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert torch.equal(resumed["queue_handler"]["queue"], whole["queue_handler"]["queue"])
+    assert resumed["optimizer"]["state"].keys() == whole["optimizer"]["state"].keys()
+    for index, buffers in whole["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
+
+
 def test_the_loss_and_its_queue_handler_are_built_from_the_arguments():
     args = train_swav.parse_args(["--queue-length", "128", "--feat-dim", "32", "--epsilon", "0.04"])
-    loss_fn, handler = train_swav.build_loss_and_queue_handler(args)
+    loss_fn, handler = models.build_loss_and_queue_handler(args)
     assert handler.loss is loss_fn  # the handler fills the queue of the loss the trainer calls
-    assert loss_fn.crops_for_assign == handler.crops_for_assign == train_swav.CROPS_FOR_ASSIGN
+    assert loss_fn.crops_for_assign == handler.crops_for_assign == models.CROPS_FOR_ASSIGN
     assert loss_fn.epsilon == 0.04
     assert (handler.requested_queue_length, handler.feat_dim, handler.batch_size) == (128, 32, 64)
     assert loss_fn.sinkhorn_iterations == 3
@@ -418,9 +484,9 @@ def test_the_mnist5k_loader_reads_the_packaged_file_and_splits_it_by_seed():
 
 def test_the_small_resnet_keeps_a_2x2_map_of_its_last_stage():
     images = torch.randn(3, 3, 28, 28)
-    backbone = train_swav.SmallResNet()
+    backbone = models.SmallResNet()
     assert backbone(images).shape == (3, 512) and backbone.out_features == 512  # 128 channels x 2 x 2
-    flat = train_swav.SmallResNet((8, 16), pool_size=1)
+    flat = models.SmallResNet((8, 16), pool_size=1)
     assert flat(images).shape == (3, 16) and flat.out_features == 16
 
 
@@ -460,13 +526,15 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resuming_at_the_s
     before = last.read_bytes()
     for name in ("results.json", "history.png"):
         (output / name).unlink()  # as when the process is killed during the final evaluation
-    (output / "tmpabcd1234").write_bytes(b"half a checkpoint")  # a write the kill interrupted
+    ours = output / f"{run_dir.TEMP_PREFIX}swav_checkpoint_9.pt.abcd1234.tmp"
+    ours.write_bytes(b"half a checkpoint")  # a write the kill interrupted
+    (output / "tmpabcd1234").write_bytes(b"another program's")  # not this script's: left alone
     status, _ = run(tmp_path, "--epochs", "2", "--resume-from", str(last))
     assert status == 0
     res = results(output)
     assert res["epochs"] == 2 and [r["epoch"] for r in res["history"]] == [1, 2]  # nothing trained again
     assert (output / "history.png").stat().st_size > 0 and last.read_bytes() == before
-    assert not (output / "tmpabcd1234").exists()
+    assert not ours.exists() and (output / "tmpabcd1234").read_bytes() == b"another program's"
 
 
 def test_only_the_two_newest_checkpoints_are_kept_across_resumes(tmp_path: Path):
@@ -497,4 +565,4 @@ def test_a_full_disk_is_reported_as_such(tmp_path: Path, capsys, monkeypatch):
     assert status == 1
     err = capsys.readouterr().err
     assert err.strip().endswith(f"error: writing to '{output}' failed: no space left on device")
-    assert not any(p.name.startswith("tmp") for p in output.iterdir())
+    assert not any(p.name.startswith(run_dir.TEMP_PREFIX) for p in output.iterdir())

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import models  # noqa: E402
 import swav_config  # noqa: E402
 import train_swav  # noqa: E402
 
@@ -139,7 +140,7 @@ def test_lars_is_the_references_larc_on_small_tensors():
     weights = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g) * 0.01]
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     args = swav_config.parse_args(["--recipe", "swav_800ep", "--output-dir", "/tmp"])
-    optimizer = train_swav.build_optimizer(torch.nn.ParameterList(params), args)
+    optimizer = models.build_optimizer(torch.nn.ParameterList(params), args)
     expected = [w.clone() for w in weights]
     buffers = [None, None]
     for step in range(2):
@@ -189,7 +190,7 @@ def test_the_learning_rate_is_set_every_iteration_on_the_references_curve():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=args.lr)
     trainer = Engine(lambda engine, batch: None)
-    train_swav.attach_lr_schedule(trainer, optimizer, args, epoch_length)
+    models.attach_lr_schedule(trainer, optimizer, args, epoch_length)
     seen = []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(optimizer.param_groups[0]["lr"]))
     trainer.run(range(epoch_length), max_epochs=args.epochs)
@@ -201,16 +202,20 @@ def test_the_learning_rate_is_set_every_iteration_on_the_references_curve():
 def test_a_resume_on_another_epoch_length_continues_the_curve_at_the_same_fraction_of_the_run():
     from ignite.engine import Engine, Events
 
+    from ignite_swav import load_objects
+
     args = swav_config.parse_args(["--recipe", "swav_800ep", "--epochs", "6", "--warmup-epochs", "2"])
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=args.lr)
     # 3 epochs of 10 iterations (1 process), then resumed with 5 iterations per epoch (2 processes)
     first = Engine(lambda engine, batch: None)
-    train_swav.attach_lr_schedule(first, optimizer, args, 10)
+    schedulers = models.attach_lr_schedule(first, optimizer, args, 10)
     first.run(range(10), max_epochs=3)
+    checkpoint = {"trainer": first.state_dict(), **{k: s.state_dict() for k, s in schedulers.items()}}
     resumed = Engine(lambda engine, batch: None)
-    train_swav.attach_lr_schedule(resumed, optimizer, args, 5)
-    resumed.load_state_dict({"iteration": 15, "epoch_length": 5, "max_epochs": 6})  # as the example rescales it
+    resumed_schedulers = models.attach_lr_schedule(resumed, optimizer, args, 5)
+    load_objects({"trainer": resumed, **resumed_schedulers}, checkpoint, epoch_length=5)
+    assert resumed.state.iteration == 15 and resumed.state.epoch_length == 5
     seen = []
     resumed.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(optimizer.param_groups[0]["lr"]))
     resumed.run(range(5), max_epochs=6)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+import run_dir  # noqa: E402
 import train_swav  # noqa: E402
 from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
@@ -75,7 +76,7 @@ def _race_for_the_lock(output: str, holders: str, start_at: float) -> int:
     while time.time() < start_at:
         pass
     try:
-        with train_swav.output_dir_lock(Path(output)):
+        with run_dir.OutputDirLock(Path(output)):
             try:
                 descriptor = os.open(holders, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:

@@ -31,8 +31,8 @@ def decode_images(encoded: Sequence[Tensor], device: str | torch.device | None =
     JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on ``device``: on a CUDA device, by nvJPEG on the
     GPU; on the CPU, by libjpeg. Other formats (PNG, ...) are decoded on the CPU, then moved. The input is the
     files' bytes (1-D uint8 tensors, on the CPU), e.g. from an ``ImageFolder`` whose ``loader`` reads a file's
-    bytes into a tensor. (torchvision 0.29 deprecates its decoders in favour of TorchCodec; they work as before, and their
-    deprecation warning is not repeated here at every batch.)
+    bytes into a tensor. (torchvision 0.29 deprecates its decoders in favour of TorchCodec; they work as before,
+    and their deprecation warning is not repeated here at every batch.)
 
     Raises:
         ValueError: an entry is not the bytes of an image, or cannot be decoded (the message names it).

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # only asks for ranges (setup.cfg), so users elsewhere keep their own torch.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test docs lint format clean
+.PHONY: venv demo test test-fast test-min docs lint format clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q
 
+# Everyday work: the suite without the example runs, subprocesses and multi-process runs (marked slow, distributed).
+test-fast: $(VENV)/.installed
+	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q -m "not slow and not distributed"
+
+# The lowest pytorch-ignite that setup.cfg declares, tried with the fast suite: Ignite is pure Python, so it is put
+# in front of the venv's own on the path rather than installed into it.
+IGNITE_FLOOR ?= 0.5.1
+test-min: $(VENV)/.installed
+	$(PY) -m pip install --quiet --upgrade --no-deps --target $(VENV)/ignite-floor pytorch-ignite==$(IGNITE_FLOOR)
+	CUDA_VISIBLE_DEVICES="" PYTHONPATH=$(VENV)/ignite-floor $(PY) -m pytest -q -m "not slow and not distributed" \
+		-p no:cacheprovider
+	PYTHONPATH=$(VENV)/ignite-floor $(PY) -c "import ignite; assert ignite.__version__ == '$(IGNITE_FLOOR)', ignite.__version__"
+
 # The API reference and the guides, from the docstrings, into docs/_build/html; warnings are errors.
 docs: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[docs]" $(TORCH_PINS)
@@ -32,6 +45,7 @@ docs: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .

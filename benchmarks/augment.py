@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ignite_swav import BatchedMultiCrop, MultiCropTransform, collate_images, multicrop_collate, prepare_image_batch
+from ignite_swav import BatchedMultiCrop, MultiCropTransform, collate_crops, collate_images, prepare_image_batch
 
 
 class JpegImages(Dataset):
@@ -181,7 +181,7 @@ def main() -> None:
         file_bytes = JpegImages(args.images, *args.image_size, transform=None)
         for workers in args.workers:
             rates = [
-                loader_rate(per_image, args.batch_size, workers, multicrop_collate, args.batches, synchronised)
+                loader_rate(per_image, args.batch_size, workers, collate_crops, args.batches, synchronised)
                 for _ in range(args.repeats)
             ]
             batched = [

@@ -1,16 +1,23 @@
-"""What a run of ``train_swav.py`` leaves: its per-epoch history (saved in the checkpoint), ``results.json``,
-``history.png`` and the summary lines."""
+"""What a run of ``train_swav.py`` says and leaves: its log lines, progress bar and TensorBoard figures, its
+per-epoch history (saved in the checkpoint), ``results.json``, ``history.png`` and the summary lines."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from run_dir import write_atomically
+from swav_data import DataBundle
 
 HEALTH_METRICS = ("prototype_usage", "code_entropy", "loss_over_lnk")
+logger = logging.getLogger("train_swav")
 
 
 class RunHistory:
@@ -127,3 +134,52 @@ def plot_history(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def log_start(data: DataBundle, objects: dict[str, Any], args: argparse.Namespace) -> None:
+    logger.info(
+        f"SwAV on {args.dataset}: {len(data.pretrain)} images, {idist.get_world_size()} process(es) x batch "
+        f"{args.batch_size}, {data.multicrop.total_crops} crops {data.multicrop.size_crops}, {args.arch}, "
+        f"{args.num_prototypes} prototypes, queue {objects['queue_handler'].queue_length or args.queue_length} from "
+        f"epoch {args.epoch_queue_starts + 1}, device {idist.device()}, augmentation "
+        f"{'batched on the device' if args.gpu_augment else 'per image in workers'}"
+    )
+
+
+def log_epoch(record: dict[str, Any], args: argparse.Namespace) -> None:
+    knn = f", kNN top-1 {record['knn_top1']:.4f}" if "knn_top1" in record else ""
+    knn += f", online linear top-1 {record['online_linear_top1']:.4f}" if "online_linear_top1" in record else ""
+    logger.info(
+        f"epoch {record['epoch']}/{args.epochs}: loss {record['loss']:.4f}{knn}, prototypes used "
+        f"{record['prototype_usage']:.2f}, code entropy {record['code_entropy']:.2f}, "
+        f"queue {'used' if record['queue_used'] else 'not used'}, {record['images_per_s']:.0f} images/s"
+    )
+
+
+def attach_loggers(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> Any:
+    """On rank 0: a progress bar when the output is a terminal (a log file gets the epoch lines only), and Ignite's
+    TensorboardLogger in ``output_dir/tensorboard`` when tensorboard is installed."""
+    if idist.get_rank() > 0:
+        return None
+    if sys.stderr.isatty():
+        ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda loss: {"loss": loss})
+    try:
+        from ignite.handlers import TensorboardLogger
+        from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
+
+        tb_logger = TensorboardLogger(log_dir=str(args.output_dir / "tensorboard"))
+    except (ImportError, ModuleNotFoundError, RuntimeError):
+        return None
+    loss = OutputHandler("train", output_transform=lambda loss: {"loss": loss})
+    tb_logger.attach(trainer, loss, Events.ITERATION_COMPLETED)
+    tb_logger.attach(trainer, OptimizerParamsHandler(objects["optimizer"], "lr"), Events.ITERATION_STARTED)
+    tb_logger.attach(trainer, OutputHandler("epoch", metric_names=list(HEALTH_METRICS)), Events.EPOCH_COMPLETED)
+
+    @trainer.on(Events.EPOCH_COMPLETED)  # after the epoch's record: its evaluations
+    def evaluations(engine: Engine) -> None:
+        record = objects["history"].records[-1]
+        for key in ("knn_top1", "online_linear_top1", "queue_used", "images_per_s"):
+            if key in record:
+                tb_logger.writer.add_scalar(f"epoch/{key}", float(record[key]), engine.state.epoch)
+
+    return tb_logger

@@ -17,184 +17,25 @@ class ExampleError(Exception):
     """A problem with the command line, the data or a checkpoint, reported as one clear line."""
 
 
-# The settings every run has, unless its data set or recipe says otherwise.
-COMMON: dict[str, Any] = {
-    "arch": "resnet18",
-    "small_stem": False,
-    "temperature": 0.1,
-    "epsilon": 0.05,
-    "sinkhorn_iterations": 3,
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "warmup_epochs": 0,
-    "warmup_start_lr": 0.0,
-    "final_lr": None,  # None: lr / 1000, the ratio of every published recipe
-    "freeze_prototypes_epochs": None,
-    "sync_bn": True,  # applies only to several CUDA processes (torch has no SyncBatchNorm on the CPU)
-    "amp": False,
-    "num_workers": 4,
-    "gpu_augment": False,
-    "decode_on_device": False,
-    "knn_k": 20,
-    "online_probe": True,
-    "deterministic": True,
-    "eval_every": 1,
-    "expected_world_size": None,
-}
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-# The SwAV recipe on real data sets (per-process batch, global queue) and what differs per data set.
-_REAL_DATA: dict[str, Any] = {
-    "epochs": 200,
-    "batch_size": 256,
-    "lr": 0.6,
-    "weight_decay": 1e-6,
-    "warmup_epochs": 10,
-    "num_prototypes": 3000,
-    "feat_dim": 128,
-    "hidden_dim": 2048,
-    "queue_length": 3840,
-    "epoch_queue_starts": 15,
-    "freeze_prototypes_iters": 313,
-}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist5k": {
-        "arch": "small_resnet",
-        "small_stem": True,
-        "epochs": 50,
-        "batch_size": 64,
-        "lr": 0.1,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 2,
-        "epsilon": 0.03,
-        "num_prototypes": 100,
-        "feat_dim": 64,
-        "hidden_dim": 512,
-        "queue_length": 0,
-        "epoch_queue_starts": 3,
-        "freeze_prototypes_iters": 50,
-        "eval_size": 28,
-        "num_workers": 1,
-        "gpu_augment": True,
-    },
-    "digits": {
-        "epochs": 42,
-        "batch_size": 64,
-        "lr": 0.03,
-        "epsilon": 0.025,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 2,
-        "num_prototypes": 64,
-        "feat_dim": 64,
-        "hidden_dim": 512,
-        "queue_length": 256,
-        "epoch_queue_starts": 3,
-        "freeze_prototypes_iters": 20,
-        "eval_size": 32,
-        "num_workers": 1,
-        "gpu_augment": True,
-    },
-    "cifar10": _REAL_DATA | {"num_prototypes": 1000, "small_stem": True, "eval_size": 32},
-    "stl10": _REAL_DATA | {"eval_size": 96},
-    "imagefolder": _REAL_DATA
-    | {"epochs": 100, "batch_size": 64, "freeze_prototypes_iters": 5005, "eval_size": 224, "num_workers": 8},
-}
 
-# The published recipes of facebookresearch/swav (scripts/*.sh): ResNet-50 on ImageNet with SGD wrapped in
-# LARC, mixed precision and synchronised batch norm. The global batch is batch_size x the processes the
-# script runs on (expected_world_size); lr is not rescaled for another number of processes.
-_IMAGENET_RECIPE: dict[str, Any] = {
-    "dataset": "imagefolder",
-    "arch": "resnet50",
-    "small_stem": False,
-    "size_crops": [224, 96],
-    "num_crops": [2, 6],
-    "min_scale_crops": [0.14, 0.05],
-    "max_scale_crops": [1.0, 0.14],
-    "temperature": 0.1,
-    "epsilon": 0.05,
-    "sinkhorn_iterations": 3,
-    "feat_dim": 128,
-    "hidden_dim": 2048,
-    "num_prototypes": 3000,
-    "batch_size": 64,
-    "weight_decay": 1e-6,
-    "optimizer": "lars",
-    "momentum": 0.9,
-    "sync_bn": True,
-    "amp": True,
-    "eval_size": 224,
-}
-_BATCH_4096 = _IMAGENET_RECIPE | {
-    "expected_world_size": 64,
-    "queue_length": 0,
-    "epoch_queue_starts": 15,
-    "lr": 4.8,
-    "final_lr": 0.0048,
-    "warmup_epochs": 10,
-    "warmup_start_lr": 0.3,
-    "freeze_prototypes_iters": 313,
-}
-_BATCH_256 = _IMAGENET_RECIPE | {
-    "expected_world_size": 4,
-    "queue_length": 3840,
-    "epoch_queue_starts": 15,
-    "lr": 0.6,
-    "final_lr": 0.0006,
-    "warmup_epochs": 0,
-    "warmup_start_lr": 0.0,
-    "freeze_prototypes_iters": 5005,
-}
-RECIPES: dict[str, dict[str, Any]] = {
-    "swav_100ep": _BATCH_4096 | {"epochs": 100},
-    "swav_200ep": _BATCH_4096 | {"epochs": 200},
-    "swav_400ep": _BATCH_4096 | {"epochs": 400},
-    "swav_800ep": _BATCH_4096 | {"epochs": 800},
-    "swav_200ep_bs256": _BATCH_256 | {"epochs": 200},
-    "swav_400ep_bs256": _BATCH_256 | {"epochs": 400},
-}
+def read_config(path: Path) -> dict[str, Any]:
+    """The settings of a JSON file of ``configs/`` (keys named like the flags; ``_about`` says what it is)."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ExampleError(f"the settings file '{path}' cannot be read: {error}") from None
+    if not isinstance(settings, dict):
+        raise ExampleError(f"the settings file '{path}' must hold one JSON object of settings")
+    return {key: value for key, value in settings.items() if not key.startswith("_")}
 
-# Printed by --print-config, in this order.
-CONFIG_KEYS = (
-    "recipe",
-    "dataset",
-    "arch",
-    "small_stem",
-    "epochs",
-    "batch_size",
-    "expected_world_size",
-    "lr",
-    "final_lr",
-    "warmup_epochs",
-    "warmup_start_lr",
-    "weight_decay",
-    "optimizer",
-    "momentum",
-    "sync_bn",
-    "amp",
-    "num_prototypes",
-    "feat_dim",
-    "hidden_dim",
-    "queue_length",
-    "epoch_queue_starts",
-    "freeze_prototypes_iters",
-    "freeze_prototypes_epochs",
-    "temperature",
-    "epsilon",
-    "sinkhorn_iterations",
-    "size_crops",
-    "num_crops",
-    "min_scale_crops",
-    "max_scale_crops",
-    "eval_size",
-    "knn_k",
-    "eval_every",
-    "online_probe",
-    "deterministic",
-    "gpu_augment",
-    "decode_on_device",
-    "num_workers",
-    "seed",
-)
+
+# The settings every run has, then each data set's and each published recipe's: one JSON file each, so that adding
+# a recipe means adding a file to configs/recipes/.
+COMMON = read_config(CONFIGS / "common.json")
+DATASET_DEFAULTS = {name: read_config(CONFIGS / "datasets" / f"{name}.json") for name in DATASETS}
+RECIPES = {path.stem: read_config(path) for path in sorted((CONFIGS / "recipes").glob("*.json"))}
 
 
 # What a flag's default means where it is not a value of its own.
@@ -230,13 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain SwAV with ignite-swav and report k-NN top-1 (pretrained, random init, raw pixels). "
         "Settings come from the command line, then --recipe, then the data set's defaults shown here.",
     )
-    add = parser.add_argument
+    parser.set_defaults(setting_keys=[])  # the flags that are settings of the run: --print-config prints them
 
     def setting(flag: str, help_text: str, **kwargs: Any) -> None:
         key = flag.lstrip("-").replace("-", "_")
-        add(flag, default=None, help=f"{help_text} {_default_help(key)}", **kwargs)
+        parser.get_default("setting_keys").append(key)
+        help_text = argparse.SUPPRESS if not help_text else f"{help_text} {_default_help(key)}"
+        parser.add_argument(flag, default=None, help=help_text, **kwargs)
 
-    add("--recipe", choices=sorted(RECIPES), default=None, help="a published SwAV recipe (ResNet-50, ImageNet)")
+    add_run_flags(parser, setting)
+    add_training_flags(setting)
+    add_swav_flags(setting)
+    add_data_flags(setting)
+    add_process_flags(parser)
+    return parser
+
+
+def add_run_flags(parser: argparse.ArgumentParser, setting: Any) -> None:
+    add = parser.add_argument
+    add("--recipe", default=None, help=f"a published SwAV recipe ({', '.join(RECIPES)}) or a JSON file of settings")
     add("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     setting("--dataset", "data set to pretrain on; mnist5k and digits ship inside Python packages", choices=DATASETS)
     add("--data-dir", type=Path, default=Path("data"), help="where a real data set lies (default: data)")
@@ -249,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint of this script to continue from, up to --epochs; 'auto': the newest valid one of "
         "--output-dir, or a fresh start when there is none (for jobs that are requeued)",
     )
+
+
+def add_training_flags(setting: Any) -> None:
     setting("--epochs", "total epochs", type=int)
     setting("--batch-size", "batch size per process", type=int)
     setting("--lr", "peak learning rate", type=float)
@@ -260,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer", "SGD with momentum, or LARS (timm.optim.Lars as the reference's LARC)", choices=("sgd", "lars")
     )
     setting("--momentum", "momentum of SGD / LARS", type=float)
+    setting("--sync-bn", "SyncBatchNorm on several CUDA processes", action=argparse.BooleanOptionalAction)
+    setting(
+        "--amp",
+        "mixed precision: bfloat16 on the CPU, float16 with a GradScaler on CUDA",
+        action=argparse.BooleanOptionalAction,
+    )
+    setting(
+        "--deterministic",
+        "reseed every epoch from a run seed saved in the checkpoint (Ignite's DeterministicEngine), so that a resumed "
+        "run trains exactly as the uninterrupted one on the same number of processes; on CUDA, deterministic "
+        "algorithms can be slower",
+        action=argparse.BooleanOptionalAction,
+    )
+    setting("--expected-world-size", "", type=int)  # a recipe's number of processes, for its warning
+
+
+def add_swav_flags(setting: Any) -> None:
     setting("--arch", "backbone", choices=ARCHS)
     setting("--small-stem", "3x3 stem without max-pool, for small images", action=argparse.BooleanOptionalAction)
     setting("--num-prototypes", "number of prototypes", type=int)
@@ -276,16 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--temperature", "softmax temperature of the loss", type=float)
     setting("--epsilon", "Sinkhorn regularisation", type=float)
     setting("--sinkhorn-iterations", "Sinkhorn-Knopp iterations", type=int)
+
+
+def add_data_flags(setting: Any) -> None:
     setting("--size-crops", "crop sizes in pixels, large first", type=int, nargs="+")
     setting("--num-crops", "crops of each size", type=int, nargs="+")
     setting("--min-scale-crops", "smallest area of each crop size, as a fraction of the image", type=float, nargs="+")
     setting("--max-scale-crops", "largest area of each crop size, as a fraction of the image", type=float, nargs="+")
-    setting("--sync-bn", "SyncBatchNorm on several CUDA processes", action=argparse.BooleanOptionalAction)
-    setting(
-        "--amp",
-        "mixed precision: bfloat16 on the CPU, float16 with a GradScaler on CUDA",
-        action=argparse.BooleanOptionalAction,
-    )
     setting(
         "--gpu-augment",
         "multi-crop whole batches on the training device (BatchedMultiCrop); the DataLoader only loads images",
@@ -302,18 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--knn-k", "neighbours of the k-NN probe", type=int)
     setting("--eval-every", "run the k-NN probe every N epochs (and after the last)", type=int)
     setting(
-        "--deterministic",
-        "reseed every epoch from a run seed saved in the checkpoint (Ignite's DeterministicEngine), so that a resumed "
-        "run trains exactly as the uninterrupted one on the same number of processes; on CUDA, deterministic "
-        "algorithms can be slower",
-        action=argparse.BooleanOptionalAction,
-    )
-    setting(
         "--online-probe",
         "train a linear classifier on the backbone's features during pretraining (data sets with labels)",
         action=argparse.BooleanOptionalAction,
     )
-    add("--expected-world-size", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--compile", action="store_true", help="torch.compile the model (slow first steps; for GPUs)")
     add("--nproc-per-node", type=int, default=None, help="processes to spawn on this node (idist.Parallel)")
     add("--backend", choices=("gloo", "nccl"), default=None, help="distributed backend (default: none, 1 process)")
@@ -326,14 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
     add("--max-iters-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # for quick tests
-    return parser
+
+
+def recipe_settings(recipe: str) -> dict[str, Any]:
+    """The settings of ``--recipe``: a published recipe's name, or the path of a JSON file of settings."""
+    if recipe in RECIPES:
+        return RECIPES[recipe]
+    path = Path(recipe)
+    if path.suffix != ".json" or not path.is_file():
+        raise ExampleError(
+            f"--recipe {recipe!r} is neither a published recipe ({', '.join(RECIPES)}) nor a JSON file of settings"
+        )
+    settings = read_config(path)
+    known = set(build_parser().get_default("setting_keys")) | {"dataset"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ExampleError(f"--recipe '{path}' has settings no flag of this script sets: {unknown}")
+    return settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The settings of the run: the command line, then --recipe, then the data set's defaults; checked."""
     args = build_parser().parse_args(argv)
     given = {key for key, value in vars(args).items() if value is not None}
-    recipe = RECIPES[args.recipe] if args.recipe else {}
+    recipe = recipe_settings(args.recipe) if args.recipe else {}
     if args.dataset is None:
         args.dataset = recipe.get("dataset", "mnist5k")
     for source in (recipe, DATASET_DEFAULTS[args.dataset], COMMON):
@@ -446,5 +328,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings --print-config prints: one JSON object, keys named like the flags."""
-    return {key: getattr(args, key, None) for key in CONFIG_KEYS}
+    """The settings --print-config prints: one JSON object, keys named like the flags (the parser's settings, in
+    their order), with the recipe and the seed."""
+    return {"recipe": args.recipe, **{key: getattr(args, key, None) for key in args.setting_keys}, "seed": args.seed}

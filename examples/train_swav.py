@@ -32,11 +32,11 @@ import ignite.distributed as idist
 import torch
 from evaluation import cluster_nmi, evaluate_features, knn_top1, raw_pixel_knn_top1
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, ProgressBar
+from ignite.handlers import Checkpoint
 from ignite.metrics import Average, Frequency
 from ignite.utils import manual_seed, setup_logger
 from models import attach_lr_schedule, build_backbone, build_loss_and_queue_handler, build_model, build_optimizer
-from results import HEALTH_METRICS, RunHistory, write_results
+from results import HEALTH_METRICS, RunHistory, attach_loggers, log_epoch, log_start, write_results
 from resume import CHECKPOINT_KEYS, load_resume_checkpoint, newest_valid_checkpoint, resume_run
 from run_dir import (
     CHECKPOINT_PREFIX,
@@ -60,10 +60,10 @@ from ignite_swav import (
     OnlineLinearProbe,
     SwAVEvents,
     SwAVHealthMonitor,
+    collate_crops,
     collate_images,
     create_swav_trainer,
     load_checkpoint_file,
-    multicrop_collate,
 )
 from ignite_swav.checkpoint import is_disk_full
 
@@ -85,7 +85,7 @@ def build_loader(data: DataBundle, args: argparse.Namespace) -> tuple[Any, int]:
         shuffle=True,
         drop_last=True,
         num_workers=args.num_workers,
-        collate_fn=collate_images if args.gpu_augment else multicrop_collate,
+        collate_fn=collate_images if args.gpu_augment else collate_crops,
         # workers that augment must be reseeded with every epoch for an exact resume: not kept from one to the next
         persistent_workers=args.num_workers > 0 and (args.gpu_augment or not args.deterministic),
     )
@@ -168,16 +168,6 @@ def attach_epoch_record(trainer: Engine, objects: dict[str, Any], data: DataBund
         log_epoch(record, args)
 
 
-def log_epoch(record: dict[str, Any], args: argparse.Namespace) -> None:
-    knn = f", kNN top-1 {record['knn_top1']:.4f}" if "knn_top1" in record else ""
-    knn += f", online linear top-1 {record['online_linear_top1']:.4f}" if "online_linear_top1" in record else ""
-    logger.info(
-        f"epoch {record['epoch']}/{args.epochs}: loss {record['loss']:.4f}{knn}, prototypes used "
-        f"{record['prototype_usage']:.2f}, code entropy {record['code_entropy']:.2f}, "
-        f"queue {'used' if record['queue_used'] else 'not used'}, {record['images_per_s']:.0f} images/s"
-    )
-
-
 def attach_checkpoint(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> None:
     """The last two checkpoints in ``--output-dir``, every epoch, after checking that the directory is still ours."""
     checkpoint = Checkpoint(objects, RunSaver(args.output_dir), filename_prefix=CHECKPOINT_PREFIX, n_saved=2)
@@ -187,35 +177,6 @@ def attach_checkpoint(trainer: Engine, objects: dict[str, Any], args: argparse.N
     trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
     if idist.get_rank() == 0:  # Checkpoint's n_saved counts this process's files: after a resume, the older run's go
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: keep_newest_checkpoints(args.output_dir, 2))
-
-
-def attach_loggers(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> Any:
-    """On rank 0: a progress bar when the output is a terminal (a log file gets the epoch lines only), and Ignite's
-    TensorboardLogger in ``output_dir/tensorboard`` when tensorboard is installed."""
-    if idist.get_rank() > 0:
-        return None
-    if sys.stderr.isatty():
-        ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda loss: {"loss": loss})
-    try:
-        from ignite.handlers import TensorboardLogger
-        from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
-
-        tb_logger = TensorboardLogger(log_dir=str(args.output_dir / "tensorboard"))
-    except (ImportError, ModuleNotFoundError, RuntimeError):
-        return None
-    loss = OutputHandler("train", output_transform=lambda loss: {"loss": loss})
-    tb_logger.attach(trainer, loss, Events.ITERATION_COMPLETED)
-    tb_logger.attach(trainer, OptimizerParamsHandler(objects["optimizer"], "lr"), Events.ITERATION_STARTED)
-    tb_logger.attach(trainer, OutputHandler("epoch", metric_names=list(HEALTH_METRICS)), Events.EPOCH_COMPLETED)
-
-    @trainer.on(Events.EPOCH_COMPLETED)  # after the epoch's record: its evaluations
-    def evaluations(engine: Engine) -> None:
-        record = objects["history"].records[-1]
-        for key in ("knn_top1", "online_linear_top1", "queue_used", "images_per_s"):
-            if key in record:
-                tb_logger.writer.add_scalar(f"epoch/{key}", float(record[key]), engine.state.epoch)
-
-    return tb_logger
 
 
 def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -263,16 +224,6 @@ def warn_about_world_size(args: argparse.Namespace) -> None:
             world_size,
             world_size * args.batch_size,
         )
-
-
-def log_start(data: DataBundle, objects: dict[str, Any], args: argparse.Namespace) -> None:
-    logger.info(
-        f"SwAV on {args.dataset}: {len(data.pretrain)} images, {idist.get_world_size()} process(es) x batch "
-        f"{args.batch_size}, {data.multicrop.total_crops} crops {data.multicrop.size_crops}, {args.arch}, "
-        f"{args.num_prototypes} prototypes, queue {objects['queue_handler'].queue_length or args.queue_length} from "
-        f"epoch {args.epoch_queue_starts + 1}, device {idist.device()}, augmentation "
-        f"{'batched on the device' if args.gpu_augment else 'per image in workers'}"
-    )
 
 
 def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,19 +4,20 @@ from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
 from ignite_swav.checkpoint import load_checkpoint_file, load_objects
 from ignite_swav.clusters import assign_clusters
 from ignite_swav.decode import decode_images
-from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch
+from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch, swav_training_step
+from ignite_swav.evaluation import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
 from ignite_swav.loss import SwAVLoss, SwAVLossStep
-from ignite_swav.metrics import KNNAccuracy, create_knn_evaluator, extract_features, recalibrate_batchnorm
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
 from ignite_swav.sinkhorn import sinkhorn
-from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, multicrop_collate
+from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
+from ignite_swav.transforms import multicrop_collate as multicrop_collate  # deprecated name, kept until 0.3
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchedMultiCrop",
@@ -35,6 +36,7 @@ __all__ = [
     "SwAVQueueHandler",
     "__version__",
     "assign_clusters",
+    "collate_crops",
     "collate_images",
     "create_knn_evaluator",
     "create_swav_trainer",
@@ -45,9 +47,9 @@ __all__ = [
     "load_checkpoint_file",
     "load_objects",
     "load_official_checkpoint",
-    "multicrop_collate",
     "prepare_image_batch",
     "prepare_multicrop_batch",
     "recalibrate_batchnorm",
     "sinkhorn",
+    "swav_training_step",
 ]

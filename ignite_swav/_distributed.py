@@ -5,7 +5,7 @@ On one process none of them communicates.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ignite import distributed as idist
@@ -13,11 +13,26 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 
+def all_reduce(tensor: Tensor, op: str = "SUM") -> Tensor:
+    """``idist.all_reduce`` of a tensor, typed as the tensor it returns (Ignite's typing allows numbers too)."""
+    return cast(Tensor, idist.all_reduce(tensor, op=op))
+
+
+def all_gather(tensor: Tensor) -> Tensor:
+    """``idist.all_gather`` of a tensor: the tensors of every rank concatenated along the first dimension."""
+    return cast(Tensor, idist.all_gather(tensor))
+
+
+def broadcast(tensor: Tensor, src: int = 0) -> Tensor:
+    """``idist.broadcast`` of a tensor from rank ``src``."""
+    return cast(Tensor, idist.broadcast(tensor, src=src))
+
+
 def values_by_rank(values: list[int]) -> list[tuple[int, ...]]:
     """``values`` of every rank, in rank order (one all_gather; on one process, no collective)."""
     if idist.get_world_size() == 1:
         return [tuple(values)]
-    gathered = idist.all_gather(torch.tensor([values], device=idist.device()))
+    gathered = all_gather(torch.tensor([values], device=idist.device()))
     return [tuple(row) for row in gathered.view(-1, len(values)).tolist()]
 
 
@@ -32,7 +47,7 @@ def check_same_on_every_rank(what: str, values: list[int], advice: str) -> None:
 
 def any_flag_on_any_rank(flags: Tensor) -> Tensor:
     """``flags`` (a float tensor of 0/1) combined with every other rank's by maximum; stays on the device."""
-    return idist.all_reduce(flags, op="MAX")
+    return all_reduce(flags, op="MAX")
 
 
 def non_finite_on_any_rank(tensors: list[Tensor]) -> list[bool]:
@@ -45,7 +60,7 @@ def non_finite_on_any_rank(tensors: list[Tensor]) -> list[bool]:
 def max_over_ranks(values: Tensor) -> Tensor:
     """The element-wise maximum of ``values`` over the ranks (a new tensor on several ranks, ``values`` itself
     on one)."""
-    return values if idist.get_world_size() == 1 else idist.all_reduce(values.clone(), op="MAX")
+    return values if idist.get_world_size() == 1 else all_reduce(values.clone(), op="MAX")
 
 
 def log_sum_over_ranks(log_values: Tensor) -> Tensor:
@@ -54,18 +69,18 @@ def log_sum_over_ranks(log_values: Tensor) -> Tensor:
     world size."""
     if idist.get_world_size() == 1:
         return log_values  # not only the collectives: the exp and log around them would change nothing either
-    top = idist.all_reduce(log_values.clone(), op="MAX")
-    total = idist.all_reduce(torch.exp(log_values - top), op="SUM")
+    top = all_reduce(log_values.clone(), op="MAX")
+    total = all_reduce(torch.exp(log_values - top), op="SUM")
     return total.log_().add_(top)
 
 
 def gather_rows(tensor: Tensor) -> Tensor:
     """The rows of every rank, in rank order; ranks may hold different numbers of rows."""
     # Not idist.all_gather_tensors_with_shapes: it indexes with a list, which torch deprecates (a warning per call).
-    counts = idist.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    counts = all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
-    gathered = idist.all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
+    gathered = all_gather(padded.unsqueeze(0)).view(len(counts), *padded.shape)
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pickletools
 import struct
-from typing import BinaryIO
+from typing import IO
 
+_OPCODES = {opcode.code: opcode for opcode in pickletools.opcodes}
 # Arguments longer than this are skipped, not read: no module or class name is that long.
 _LONGEST_KEPT = 1024
 _STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING"}
@@ -22,7 +23,7 @@ _LENGTH_FORMATS = {
 }
 
 
-def _skip(stream: BinaryIO, count: int) -> None:
+def _skip(stream: IO[bytes], count: int) -> None:
     if stream.seekable():
         stream.seek(count, 1)
         return
@@ -33,7 +34,7 @@ def _skip(stream: BinaryIO, count: int) -> None:
         count -= len(chunk)
 
 
-def _argument(stream: BinaryIO, descriptor: pickletools.ArgumentDescriptor) -> bytes | None:
+def _argument(stream: IO[bytes], descriptor: pickletools.ArgumentDescriptor) -> bytes | None:
     """The argument's bytes when short, ``None`` when skipped (long) or absent."""
     n = descriptor.n
     if n >= 0:
@@ -69,7 +70,7 @@ def _argument(stream: BinaryIO, descriptor: pickletools.ArgumentDescriptor) -> b
     raise EOFError  # an argument kind this scanner does not know: stop
 
 
-def referenced_callables(stream: BinaryIO, limit: int = 100_000) -> list[str]:
+def referenced_callables(stream: IO[bytes], limit: int = 100_000) -> list[str]:
     """``module.name`` of every GLOBAL / STACK_GLOBAL of the pickles in ``stream`` (several in a row, as the legacy
     torch format writes them), in order; stops at the first byte that is not a pickle opcode, or after ``limit``
     opcodes."""
@@ -81,7 +82,7 @@ def referenced_callables(stream: BinaryIO, limit: int = 100_000) -> list[str]:
         code = stream.read(1)
         if not code:
             break
-        opcode = pickletools.code2op.get(code.decode("latin-1"))
+        opcode = _OPCODES.get(code.decode("latin-1"))
         if opcode is None:
             break  # past the pickles: raw tensor data, or garbage
         try:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 
@@ -10,9 +12,9 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     """``module`` without its DDP / DataParallel / ``torch.compile`` wrappers (a few levels at most)."""
     for _ in range(8):
         if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
+            module = cast(nn.Module, module.module)
         elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
+            module = cast(nn.Module, module._orig_mod)
         else:
             break
     return module

@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ignite.engine import Engine, Events
@@ -325,7 +325,7 @@ def load_objects(
         )
         target = round(int(saved) * epoch_length / old_length) if per_iteration else int(saved)
         for _ in range(target):  # the scheduler's own steps: right for warm-ups, cycles and concatenations alike
-            scheduler(None)
+            cast(Any, scheduler)(None)  # an Ignite handler: called as the engine calls it
 
 
 def _epoch_length_change(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ignite import distributed as idist
 from torch import Tensor, nn
 
-from ignite_swav._distributed import gather_rows, real_rows_of_rank
+from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import unwrap_model
 from ignite_swav.modules import SwAVModel
@@ -36,7 +36,7 @@ def assign_clusters(
     prepare_images: Callable[[Any], Tensor] = _images_of,
     epsilon: float = 0.05,
     sinkhorn_iterations: int = 3,
-) -> torch.LongTensor:
+) -> Tensor:
     """The prototype (cluster) id of every image of ``data``, by a trained :class:`SwAVModel`.
 
     ``data`` yields batches of ``(N, C, H, W)`` images, or ``(images, labels)`` pairs (the labels are ignored;
@@ -87,7 +87,7 @@ def assign_clusters(
         swav.train(was_training)
     has_scores = torch.tensor([float(bool(scores))])
     if idist.get_world_size() > 1:
-        has_scores = idist.all_reduce(has_scores, op="MIN")
+        has_scores = all_reduce(has_scores, op="MIN")
     if not bool(has_scores.item()):
         raise ValueError("data yielded no images (on this rank or another one): there is nothing to assign")
     local = torch.cat(scores)[: real_rows_of_rank(data)]  # not the repeats of a padded DistributedSampler

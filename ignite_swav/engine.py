@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from ignite_swav.decode import decode_images, is_encoded_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
 
-__all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch"]
+__all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch", "swav_training_step"]
 
 
 class _ResumableDeterministicEngine(DeterministicEngine):
@@ -49,7 +49,8 @@ class _ResumableDeterministicEngine(DeterministicEngine):
         rng_states = getattr(self.state, "rng_states", None)
         length = self._get_data_length(self.state.dataloader) if self.state.dataloader is not None else None
         if rng_states is not None and length and self.state.iteration % length > 0:
-            self._pending_rng_states, self.state.rng_states = rng_states, None
+            self._pending_rng_states = rng_states
+            self.state.rng_states = None  # type: ignore[attr-defined]  # DeterministicEngine's state attribute
         super()._setup_engine()
 
     def _restore_rng_states_after_first_batch(self) -> None:
@@ -69,7 +70,7 @@ class _ResumableDeterministicEngine(DeterministicEngine):
         if seeds is not None and len(seeds) == idist.get_world_size():
             self.state.seed = int(seeds[idist.get_rank()])
         self._restored_seeds = None
-        self._seeds = [row[0] for row in values_by_rank([int(self.state.seed)])]
+        self._seeds = [row[0] for row in values_by_rank([int(self.state.seed or 0)])]
 
     def state_dict(self) -> Any:
         state = super().state_dict()
@@ -90,7 +91,7 @@ class _ResumableDeterministicEngine(DeterministicEngine):
         rng_states = getattr(self.state, "rng_states", None)
         if rng_states is not None and len(rng_states) > 2 and isinstance(rng_states[2][1], Tensor):
             name, keys, *rest = rng_states[2]
-            self.state.rng_states = [*rng_states[:2], (name, keys.numpy().astype("uint32"), *rest)]
+            self.state.rng_states = [*rng_states[:2], (name, keys.numpy().astype("uint32"), *rest)]  # type: ignore[attr-defined]
 
 
 def _without_target(batch: Any) -> tuple[Any, Any]:
@@ -99,6 +100,11 @@ def _without_target(batch: Any) -> tuple[Any, Any]:
         if isinstance(batch[0], (tuple, list)) or (isinstance(batch[0], Tensor) and batch[0].ndim == 4):
             return batch[0], batch[1]
     return batch, None
+
+
+def _to(tensor: Tensor, device: str | torch.device | None, non_blocking: bool) -> Tensor:
+    # Ignite's convert_tensor, typed as the tensor it returns for a tensor
+    return cast(Tensor, convert_tensor(tensor, device=device, non_blocking=non_blocking))
 
 
 def prepare_multicrop_batch(
@@ -124,10 +130,10 @@ def prepare_multicrop_batch(
     if isinstance(crops, Tensor) or not isinstance(crops, (tuple, list)) or not crops:
         raise TypeError(
             "a SwAV batch must be the list of crop batches, or a (crops, target) pair; "
-            f"got {type(crops).__name__} (use ignite_swav.multicrop_collate in the DataLoader)"
+            f"got {type(crops).__name__} (use ignite_swav.collate_crops in the DataLoader)"
         )
-    x = [convert_tensor(crop, device=device, non_blocking=non_blocking) for crop in crops]
-    return x, None if target is None else convert_tensor(target, device=device, non_blocking=non_blocking)
+    x = [_to(crop, device, non_blocking) for crop in crops]
+    return x, None if target is None else _to(target, device, non_blocking)
 
 
 def prepare_image_batch(
@@ -148,13 +154,13 @@ def prepare_image_batch(
         (torch.Size([4, 3, 8, 8]), [0, 1, 2, 3])
     """
     images, target = _without_target(batch)
-    y = None if target is None else convert_tensor(target, device=device, non_blocking=non_blocking)
+    y = None if target is None else _to(target, device, non_blocking)
     if is_encoded_batch(images):  # file bytes: decoded together on the device (nvJPEG on a GPU)
         return decode_images(images, device), y
     if isinstance(images, Tensor) and images.ndim == 4:
-        return convert_tensor(images, device=device, non_blocking=non_blocking), y
+        return _to(images, device, non_blocking), y
     if isinstance(images, (tuple, list)) and images and all(isinstance(i, Tensor) and i.ndim == 3 for i in images):
-        return [convert_tensor(image, device=device, non_blocking=non_blocking) for image in images], y
+        return [_to(image, device, non_blocking) for image in images], y
     described = f"a tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
     raise TypeError(
         "with augment=..., a batch must hold raw images: a (B, C, H, W) tensor, a list of (C, H, W) tensors or of "
@@ -212,7 +218,7 @@ def create_swav_trainer(
     amp_mode: str | None = None,
     scaler: bool | torch.amp.GradScaler = False,
     gradient_accumulation_steps: int = 1,
-    model_fn: Callable[[nn.Module, Any], Any] = lambda model, x: model(x),
+    model_fn: Callable[[Any, Any], Any] = lambda model, x: model(x),
     *,
     freeze_prototypes_iters: int = 0,
     prototypes: nn.Module | None = None,
@@ -302,13 +308,121 @@ def create_swav_trainer(
     _check_positional_types(model, optimizer, loss_fn)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    for name, function in (
-        ("model_transform", model_transform),
-        ("output_transform", output_transform),
-        ("model_fn", model_fn),
-    ):
+    device_type = device_type_of(device)
+    autocast_dtype = resolve_autocast_dtype(amp_mode, amp_dtype, device_type)
+    grad_scaler: torch.amp.GradScaler | None = None
+    if scaler is True or isinstance(scaler, torch.amp.GradScaler):
+        if device_type != "cuda" or autocast_dtype != torch.float16:
+            raise ValueError(
+                f"scaler is for float16 autocast on CUDA (amp_mode='amp', device='cuda'); got device type "
+                f"'{device_type}' and autocast dtype {autocast_dtype}"
+            )
+        grad_scaler = scaler if isinstance(scaler, torch.amp.GradScaler) else torch.amp.GradScaler("cuda")
+    elif scaler is not False:
+        raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
+    forward: Callable[..., Any]
+    if compile_model is True:
+        forward = torch.compile(model)
+    elif isinstance(compile_model, dict):
+        forward = torch.compile(model, **compile_model)
+    elif compile_model is False:
+        forward = model
+    else:
+        raise TypeError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
+    update = swav_training_step(
+        model,
+        optimizer,
+        loss_fn,
+        device,
+        non_blocking,
+        prepare_batch,
+        model_transform,
+        output_transform,
+        gradient_accumulation_steps,
+        model_fn if forward is model else lambda _, x: model_fn(forward, x),
+        freeze_prototypes_iters=freeze_prototypes_iters,
+        prototypes=prototypes,
+        augment=augment,
+        autocast_dtype=autocast_dtype,
+        scaler=grad_scaler,
+    )
+    trainer = _ResumableDeterministicEngine(update) if deterministic else Engine(update)
+    trainer.register_events(*SwAVEvents)
+    _attach_queue_events(trainer, loss_fn)
+    if grad_scaler is not None:
+        trainer.state.scaler = grad_scaler  # type: ignore[attr-defined]  # as Ignite does, for checkpoints
+    return trainer
+
+
+def _attach_queue_events(trainer: Engine, loss_fn: SwAVLoss) -> None:
+    """Fire ``QUEUE_FIRST_USED`` after the first iteration of a run whose codes used the queue, and say once when the
+    loss has a queue handler that is not attached to this trainer (its queue would never be created)."""
+    queue_used_in_run, warned = [False], [False]
+
+    def reset(_: Engine) -> None:
+        queue_used_in_run[0] = False
+
+    def check_handler(engine: Engine) -> None:
+        handler = loss_fn.queue_handler
+        if handler is not None and not warned[0] and not handler.is_attached(engine):
+            warned[0] = True
+            logging.getLogger(__name__).warning(
+                "the loss has a SwAVQueueHandler that is not attached to this trainer: its queue is never created "
+                "or managed; call handler.attach(trainer)"
+            )
+
+    def first_use(engine: Engine) -> None:
+        if loss_fn.use_queue and not queue_used_in_run[0]:
+            queue_used_in_run[0] = True
+            engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
+
+    trainer.add_event_handler(Events.STARTED, reset)
+    trainer.add_event_handler(Events.STARTED, check_handler)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, first_use)
+
+
+def swav_training_step(
+    model: nn.Module,
+    optimizer: Optimizer,
+    loss_fn: SwAVLoss,
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    prepare_batch: Callable[..., tuple[Any, Any]] | None = None,
+    model_transform: Callable[[Any], Any] = lambda output: output,
+    output_transform: Callable[[Any, Any, Any, Tensor], Any] = lambda x, y, y_pred, loss: loss.item(),
+    gradient_accumulation_steps: int = 1,
+    model_fn: Callable[[Any, Any], Any] = lambda model, x: model(x),
+    *,
+    freeze_prototypes_iters: int = 0,
+    prototypes: nn.Module | None = None,
+    augment: Callable[[Any], list[Tensor]] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Callable[[Engine, Any], Any]:
+    """The update function of one SwAV iteration, as ``ignite.engine.supervised_training_step`` returns one: the
+    step of :func:`create_swav_trainer`, for an ``Engine`` of your own.
+
+    The arguments are :func:`create_swav_trainer`'s (see there); the autocast dtype (``None``: no autocast) and a
+    ``GradScaler`` are given as they are, not as ``amp_mode`` and ``scaler=True``. Events (``QUEUE_FIRST_USED``) are
+    the engine's business: :func:`create_swav_trainer` adds them.
+
+    Example:
+        >>> import torch
+        >>> from ignite.engine import Engine
+        >>> from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, swav_training_step
+        >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1))
+        >>> model = SwAVModel(backbone, SwAVProjectionHead(8, 16, 4), SwAVPrototypes(4, 10))
+        >>> step = swav_training_step(model, torch.optim.SGD(model.parameters(), lr=0.1), SwAVLoss())
+        >>> crops = [torch.randn(4, 3, 16, 16)] * 2
+        >>> isinstance(Engine(step).run([crops] * 2, max_epochs=1).output, float)
+        True
+    """
+    _check_positional_types(model, optimizer, loss_fn)
+    for name, function in (("model_transform", model_transform), ("output_transform", output_transform)):
         if not callable(function):
             raise TypeError(f"{name} must be callable, got {type(function).__name__}")
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
     if prepare_batch is not None and not callable(prepare_batch):
         raise TypeError(
             f"prepare_batch must be callable (batch, device, non_blocking) -> (x, y), got {type(prepare_batch)}"
@@ -320,8 +434,6 @@ def create_swav_trainer(
     if prepare_batch is None:
         prepare_batch = prepare_multicrop_batch if augment is None else prepare_image_batch
     device_type = device_type_of(device)
-    autocast_dtype = resolve_autocast_dtype(amp_mode, amp_dtype, device_type)
-
     if prototypes is None:
         prototypes = _find_prototypes(model)
         if prototypes is None:
@@ -329,40 +441,11 @@ def create_swav_trainer(
                 f"the model ({type(model).__name__}) has no 'prototypes' layer: pass prototypes=<the layer whose "
                 "weight rows are the prototypes> (a SwAVPrototypes or a bias-free nn.Linear)"
             )
-    prototype_weight = _prototype_weight(prototypes)
-
-    grad_scaler: torch.amp.GradScaler | None = None
-    if scaler is True or isinstance(scaler, torch.amp.GradScaler):
-        if device_type != "cuda" or autocast_dtype != torch.float16:
-            raise ValueError(
-                f"scaler is for float16 autocast on CUDA (amp_mode='amp', device='cuda'); got device type "
-                f"'{device_type}' and autocast dtype {autocast_dtype}"
-            )
-        grad_scaler = scaler if isinstance(scaler, torch.amp.GradScaler) else torch.amp.GradScaler("cuda")
-    elif scaler is not False:
-        raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
-
-    if compile_model is True:
-        forward: nn.Module = torch.compile(model)
-    elif isinstance(compile_model, dict):
-        forward = torch.compile(model, **compile_model)
-    elif compile_model is False:
-        forward = model
-    else:
-        raise TypeError(f"compile_model must be a bool or a dict of torch.compile arguments, got {compile_model!r}")
-
-    queue_used_in_run = [False]
-    warned_not_attached = [False]
+    prototype_layer = prototypes
+    prototype_weight = _prototype_weight(prototype_layer)
 
     def update(engine: Engine, batch: Any) -> Any:
         iteration = engine.state.iteration
-        handler = loss_fn.queue_handler
-        if handler is not None and not warned_not_attached[0] and not handler.is_attached(engine):
-            warned_not_attached[0] = True  # a queue that never fills, and no word of it otherwise
-            logging.getLogger(__name__).warning(
-                "the loss has a SwAVQueueHandler that is not attached to this trainer: its queue is never created "
-                "or managed; call handler.attach(trainer)"
-            )
         if (iteration - 1) % accumulation == 0:
             optimizer.zero_grad(set_to_none=True)
         model.train()
@@ -374,12 +457,12 @@ def create_swav_trainer(
         with torch.no_grad():
             prototype_weight.copy_(F.normalize(prototype_weight, dim=1))
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            y_pred = model_transform(model_fn(forward, crops))
+            y_pred = model_transform(model_fn(model, crops))
             embeddings, scores = _embeddings_and_scores(y_pred)
             loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototype_weight, check_finite=False)
             scaled = loss / accumulation if accumulation > 1 else loss
-        if grad_scaler is not None:
-            grad_scaler.scale(scaled).backward()
+        if scaler is not None:
+            scaler.scale(scaled).backward()
         else:
             scaled.backward()
         # The step's one wait for the device, once the backward pass is queued: checked inside the loss, it
@@ -387,27 +470,16 @@ def create_swav_trainer(
         loss_fn.raise_if_non_finite()
         if iteration % accumulation == 0:
             if iteration <= freeze_prototypes_iters:
-                for parameter in prototypes.parameters():
+                for parameter in prototype_layer.parameters():
                     parameter.grad = None
-            if grad_scaler is not None:
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
             else:
                 optimizer.step()
-        if loss_fn.use_queue and not queue_used_in_run[0]:
-            queue_used_in_run[0] = True
-            engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
         return output_transform(crops if augment is not None else x, y, y_pred, loss)
 
-    def reset_queue_used(_: Engine) -> None:
-        queue_used_in_run[0] = False
-
-    trainer = _ResumableDeterministicEngine(update) if deterministic else Engine(update)
-    trainer.register_events(*SwAVEvents)
-    trainer.add_event_handler(Events.STARTED, reset_queue_used)
-    if grad_scaler is not None:
-        trainer.state.scaler = grad_scaler  # as Ignite does, so that checkpoints can hold it
-    return trainer
+    return update
 
 
 def _embeddings_and_scores(y_pred: Any) -> tuple[list[Tensor], list[Tensor]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from ignite.base import Serializable
 from ignite.engine import Engine, Events
 from torch import Tensor
 
+from ignite_swav._distributed import all_reduce
 from ignite_swav._validation import check_int
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
@@ -60,7 +62,7 @@ Try, in this order: (1) use a shorter queue; (2) lower the lr.
 
 
 def diagnose(
-    history: list[Mapping[str, Any]],
+    history: Sequence[Mapping[str, Any]],
     entropy_threshold: float = 0.9,
     loss_threshold: float = 0.9,
     min_improvement: float = 0.01,
@@ -228,8 +230,9 @@ class SwAVHealthMonitor(Serializable):
         if self._engine is not None:
             raise ValueError("this SwAVHealthMonitor is already attached to another engine; make one per trainer")
         self._engine = engine
-        if SwAVEvents.COLLAPSE_SUSPECTED not in engine._allowed_events:
-            engine.register_events(*[e for e in SwAVEvents if e not in engine._allowed_events])
+        engine.register_events(
+            *SwAVEvents
+        )  # create_swav_trainer's engine has them already: registering again is harmless
         engine.add_event_handler(Events.EPOCH_STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
@@ -270,8 +273,8 @@ class SwAVHealthMonitor(Serializable):
         """The epoch's three metrics over all ranks (a collective: call it on every rank); NaN before any step."""
         if self._used is None or self._sums is None or self._steps == 0:
             return dict.fromkeys(METRIC_NAMES, math.nan)
-        used = idist.all_reduce(self._used.clone(), op="MAX")
-        sums = idist.all_reduce(self._sums.clone(), op="SUM")
+        used = all_reduce(self._used.clone(), op="MAX")
+        sums = all_reduce(self._sums.clone(), op="SUM")
         world_size = idist.get_world_size()
         log_k = math.log(used.shape[0]) if used.shape[0] > 1 else 1.0
         values = torch.cat([used.mean().unsqueeze(0), sums]).tolist()
@@ -304,14 +307,14 @@ class SwAVHealthMonitor(Serializable):
         )
         if report is not None:
             self.history[-1]["alarm"] = True
-            engine.state.collapse_report = report
+            engine.state.collapse_report = report  # type: ignore[attr-defined]  # Ignite's State takes attributes
             if idist.get_rank() == 0:  # one warning for the run: every rank has the same figures
                 self.logger.warning(report.message())
             engine.fire_event(SwAVEvents.COLLAPSE_SUSPECTED)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> OrderedDict[str, Any]:
         """The per-epoch history (numbers and booleans only)."""
-        return {"history": [dict(r) for r in self.history]}
+        return OrderedDict(history=[dict(r) for r in self.history])
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the history of :meth:`state_dict`, so that a resumed run keeps its trends."""

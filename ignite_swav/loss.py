@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ignite import distributed as idist
 from torch import Tensor, nn
 
-from ignite_swav._distributed import any_flag_on_any_rank, non_finite_on_any_rank, values_by_rank
+from ignite_swav._distributed import all_reduce, any_flag_on_any_rank, non_finite_on_any_rank, values_by_rank
 from ignite_swav._validation import check_crops_for_assign, check_int, check_positive_float
 from ignite_swav.sinkhorn import codes_from_rows, sinkhorn_method
 
@@ -192,7 +192,7 @@ class SwAVLoss(nn.Module):
             queue_length = queue.shape[1]
         rows = self._workspace(num_assigned, batch_size + queue_length, scores[0].shape[1], all_scores.device)
         rows[:, :batch_size] = assigned_scores
-        if checked_prototypes is not None:
+        if checked_prototypes is not None and queue is not None:
             dtype = rows.dtype
             transposed = checked_prototypes.to(dtype).t().expand(num_assigned, -1, -1)
             torch.bmm(queue.to(dtype), transposed, out=rows[:, batch_size:])
@@ -365,7 +365,7 @@ class SwAVLoss(nn.Module):
     def _out_of_range(self, all_scores: Tensor, embeddings: Tensor, prototypes: Tensor | None) -> str:
         """The message for finite values outside SwAV's contract (read from the device: an error path)."""
         norms = torch.linalg.vector_norm(embeddings.float(), dim=2)
-        deviation = idist.all_reduce(norms.sub(1).abs().amax(dim=1), op="MAX")
+        deviation = all_reduce(norms.sub(1).abs().amax(dim=1), op="MAX")
         for c, d, z_norms in zip(self.crops_for_assign, deviation.tolist(), norms):
             if d > _UNIT_TOLERANCE:
                 return (
@@ -373,7 +373,7 @@ class SwAVLoss(nn.Module):
                     f"{float(z_norms.max()):.3g}): SwAV's embeddings must be L2-normalised, e.g. "
                     "F.normalize(z, dim=1) at the end of the projection head (as SwAVProjectionHead does)"
                 )
-        largest = idist.all_reduce(all_scores.abs().flatten(1).amax(dim=1).float(), op="MAX")
+        largest = all_reduce(all_scores.abs().flatten(1).amax(dim=1).float(), op="MAX")
         for v, value in enumerate(largest.tolist()):
             if value > _MAX_ABS_SCORE:
                 return (

@@ -198,8 +198,7 @@ class SwAVModel(nn.Module):
         if len(groups) > 1:
             with _running_stats_frozen(self.backbone) if self.running_stats_from_first_size else nullcontext():
                 features += [self.backbone(torch.cat(list(crops[start:end]))).flatten(1) for start, end in groups[1:]]
-        features = torch.cat(features)
-        embeddings = self.projection(features)
+        embeddings = self.projection(torch.cat(features))
         if embeddings.ndim != 2 or embeddings.shape[1] != self.prototypes.in_features:
             raise ValueError(
                 f"the projection gives embeddings of shape {tuple(embeddings.shape)}, but the prototypes expect "

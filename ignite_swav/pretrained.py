@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +112,7 @@ def load_official_checkpoint(
     weights = {(k[len(_RELEASE_PREFIX) :] if k.startswith(_RELEASE_PREFIX) else k): v for k, v in state.items()}
 
     backbone = _torchvision_model(arch)
-    width = backbone.fc.in_features
+    width = int(cast(nn.Linear, backbone.fc).in_features)
     backbone.fc = nn.Identity()
     expected = backbone.state_dict()
     backbone_weights = {k: v for k, v in weights.items() if not k.startswith((_HEAD, _PROTOTYPES, "projection_head"))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from ignite.engine import Engine, Events, _prepare_batch
 from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
+from ignite_swav._distributed import all_reduce, broadcast
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import unwrap_model
 
@@ -118,7 +120,7 @@ class OnlineLinearProbe(Serializable):
         self.classifier = nn.Linear(in_features, self.num_classes).to(device)
         if idist.get_world_size() > 1:  # the same start on every rank
             for parameter in self.classifier.parameters():
-                parameter.data.copy_(idist.broadcast(parameter.data, src=0))
+                parameter.data.copy_(broadcast(parameter.data, src=0))
         self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def train_step(self, engine: Engine) -> None:
@@ -166,7 +168,8 @@ class OnlineLinearProbe(Serializable):
             loss.backward()
         if idist.get_world_size() > 1:
             for parameter in self.classifier.parameters():
-                parameter.grad = idist.all_reduce(parameter.grad) / idist.get_world_size()
+                if parameter.grad is not None:
+                    parameter.grad = all_reduce(parameter.grad) / idist.get_world_size()
         self.optimizer.step()
 
     @torch.no_grad()
@@ -195,7 +198,7 @@ class OnlineLinearProbe(Serializable):
     def create_evaluator(
         self,
         device: str | torch.device | None = None,
-        prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+        prepare_batch: Callable[..., Any] = _prepare_batch,
         name: str = "online_linear_top1",
     ) -> Engine:
         """An evaluator of the probe: ``evaluator.run(data).metrics[name]`` is its top-1 on ``data`` (batches
@@ -215,12 +218,12 @@ class OnlineLinearProbe(Serializable):
         self.attach_metric(evaluator, name)
         return evaluator
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> OrderedDict[str, Any]:
         """The classifier's and its optimizer's state (``None`` before the first step)."""
-        return {
-            "classifier": None if self.classifier is None else self.classifier.state_dict(),
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-        }
+        return OrderedDict(
+            classifier=None if self.classifier is None else self.classifier.state_dict(),
+            optimizer=None if self.optimizer is None else self.optimizer.state_dict(),
+        )
 
     def validate_state_dict(self, state_dict: Any) -> None:
         """Check ``state_dict`` as :meth:`load_state_dict` would, changing nothing."""

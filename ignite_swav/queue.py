@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
@@ -18,7 +19,7 @@ from ignite.engine.events import CallableEventWithFilter
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import Tensor
 
-from ignite_swav._distributed import check_same_on_every_rank
+from ignite_swav._distributed import all_gather, check_same_on_every_rank
 from ignite_swav._validation import check_int
 from ignite_swav.checkpoint import load_checkpoint_file
 from ignite_swav.loss import SwAVLoss
@@ -199,7 +200,7 @@ class SwAVQueueHandler(Serializable):
         self._engines.append(weakref.ref(engine))
         if self.dirname is not None:
             engine.add_event_handler(self.save_event, self.save_queue_file)
-        engine.state.queue_in_use = False
+        engine.state.queue_in_use = False  # type: ignore[attr-defined]  # Ignite's State takes attributes
 
     def on_started(self, engine: Engine) -> None:
         """Trim ``queue_length`` to the global batch; load the queue file of a resumed run from ``dirname``."""
@@ -215,7 +216,7 @@ class SwAVQueueHandler(Serializable):
         if self.queue is None and self.dirname is not None:
             self._load_from_dirname(engine)
         self.loss.queue = self.queue
-        engine.state.queue_in_use = False
+        engine.state.queue_in_use = False  # type: ignore[attr-defined]
 
     def on_epoch_started(self, engine: Engine) -> None:
         """Reset ``loss.use_queue``; create the queue once ``epoch_queue_starts`` epochs are done."""
@@ -235,7 +236,7 @@ class SwAVQueueHandler(Serializable):
     def on_iteration_completed(self, engine: Engine) -> None:
         """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes."""
         self._gathered = None  # the queue may have changed
-        engine.state.queue_in_use = bool(self.loss.use_queue)
+        engine.state.queue_in_use = bool(self.loss.use_queue)  # type: ignore[attr-defined]
         if self._first_iteration_checked or self.loss.last_batch_shape is None:
             return
         self._first_iteration_checked = True
@@ -307,12 +308,12 @@ class SwAVQueueHandler(Serializable):
         if self.queue is None or world_size == 1:
             return
         local = self.queue.detach().contiguous()
-        gathered = idist.all_gather(local)
+        gathered = all_gather(local)
         crops, length, dim = local.shape
         # (world, crops, length, dim) -> (crops, length, world, dim): interleave the ranks row by row.
         self._gathered = gathered.view(world_size, crops, length, dim).permute(1, 2, 0, 3).reshape(crops, -1, dim).cpu()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> OrderedDict[str, Any]:
         """The queue of all ranks in one tensor (as gathered at ``gather_event``: no collective), with its settings.
 
         Raises:
@@ -331,13 +332,13 @@ class SwAVQueueHandler(Serializable):
                     f"the queue of every process (at gather_event={self.gather_event}): checkpoint at that event, "
                     "or pass SwAVQueueHandler(..., gather_event=<the event of your Checkpoint>)"
                 )
-        return {
-            "version": _FORMAT_VERSION,
-            "queue": queue,
-            "queue_length": self.queue_length,
-            "feat_dim": self.feat_dim or (queue.shape[2] if queue is not None else 0),
-            "num_crops": len(self.crops_for_assign),
-        }
+        return OrderedDict(
+            version=_FORMAT_VERSION,
+            queue=queue,
+            queue_length=self.queue_length,
+            feat_dim=self.feat_dim or (queue.shape[2] if queue is not None else 0),
+            num_crops=len(self.crops_for_assign),
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the queue from :meth:`state_dict`, resharded onto the current world size.

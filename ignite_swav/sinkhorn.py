@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from ignite import distributed as idist
 from torch import Tensor
 
-from ignite_swav._distributed import log_sum_over_ranks, max_over_ranks, non_finite_on_any_rank
+from ignite_swav._distributed import all_reduce, log_sum_over_ranks, max_over_ranks, non_finite_on_any_rank
 from ignite_swav._validation import check_int, check_positive_float
 
 __all__ = ["sinkhorn"]
@@ -195,7 +194,7 @@ def _spread_over_ranks(blocks: list[Tensor], epsilon: float) -> float:
     bounds = torch.stack(
         [torch.stack([b.max() for b in nonempty]).max(), -torch.stack([b.min() for b in nonempty]).min()]
     )
-    largest, neg_smallest = idist.all_reduce(bounds, op="MAX").tolist()
+    largest, neg_smallest = all_reduce(bounds, op="MAX").tolist()
     magnitude = max(largest, neg_smallest)
     if not math.isfinite(magnitude / epsilon):
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ from ignite_swav._validation import check_int
 
 _LARGEST_CROP = 8192  # pixels a side: four times a 2048 px crop, far beyond any published multi-crop recipe
 
-__all__ = ["MultiCropSettings", "MultiCropTransform", "multicrop_collate"]
+__all__ = ["MultiCropSettings", "MultiCropTransform", "collate_crops"]
 
 _Settings = TypeVar("_Settings", bound="MultiCropSettings")
 
@@ -256,7 +257,7 @@ class MultiCropTransform(MultiCropSettings):
         return [transform(image) for transform in self.crop_transforms]
 
 
-def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+def collate_crops(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:
     """Collate samples of :class:`MultiCropTransform` crops into one ``(B, C, H, W)`` batch per crop.
 
     Each sample is either the list of crops of one image, or a ``(crops, target)`` pair (a torchvision data
@@ -264,14 +265,14 @@ def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor]
 
     Example:
         >>> import torch
-        >>> from ignite_swav import multicrop_collate
+        >>> from ignite_swav import collate_crops
         >>> samples = [([torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 1) for _ in range(5)]
-        >>> crops, targets = multicrop_collate(samples)
+        >>> crops, targets = collate_crops(samples)
         >>> crops[1].shape, targets.tolist()
         (torch.Size([5, 3, 4, 4]), [1, 1, 1, 1, 1])
     """
     if len(batch) == 0:
-        raise ValueError("multicrop_collate got an empty batch")
+        raise ValueError("collate_crops got an empty batch")
     first = batch[0]
     with_targets = isinstance(first, tuple) and len(first) == 2 and isinstance(first[0], (list, tuple))
     samples = [sample[0] for sample in batch] if with_targets else list(batch)
@@ -283,6 +284,17 @@ def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor]
             )
     # the checks above name the sample at fault; the stacking itself is torch's
     if with_targets:
-        crops, targets = default_collate(batch)
+        crops, targets = default_collate(list(batch))
         return crops, targets
     return default_collate(samples)
+
+
+def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+    """Deprecated name of :func:`collate_crops` (named like :func:`~ignite_swav.collate_images` since 0.2); it
+    keeps working, with a ``DeprecationWarning``, until the next release."""
+    warnings.warn(
+        "ignite_swav.multicrop_collate is now ignite_swav.collate_crops; the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return collate_crops(batch)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -78,3 +80,8 @@ def test_arch_benchmark_prints_a_rate_per_backbone():
     rows = [line for line in out.splitlines() if "resnet" in line]
     assert len(rows) == 6 and all(float(row.split()[-1]) > 0 for row in rows)
     assert "global pool" in out  # the pooling the default replaced, measured beside it
+
+
+def test_monitors_benchmark_prints_the_share_of_a_step_of_the_monitor_and_the_probe():
+    out = run_script("monitors.py", "--repeats", "1", "--batch-size", "8")
+    assert "% of a step" in out and "prototype_usage" in out and "online probe" in out

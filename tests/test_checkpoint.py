@@ -128,6 +128,7 @@ def _resumed_on_two_processes_worker(rank: int, path: str) -> None:
     assert rates == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.distributed
 def test_a_run_saved_on_one_process_resumes_on_two_at_the_same_point_of_its_schedule(tmp_path):
     import ignite.distributed as idist
 

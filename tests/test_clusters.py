@@ -54,6 +54,7 @@ def _two_rank_worker(rank, balanced):
     assert torch.equal(ids, expected), "the ranks' ids, in rank order, are those of one process on all images"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("balanced", [False, True])
 def test_two_ranks_each_with_their_shard_get_the_ids_of_one_process(balanced):
     idist.spawn("gloo", _two_rank_worker, args=(balanced,), nproc_per_node=2)

@@ -28,7 +28,7 @@ def test_jpegs_decode_as_pil_decodes_them_and_pngs_exactly():
     decoded = decode_images(data)
     for tensor, raw in zip(decoded, data):
         pil = Image.open(io.BytesIO(raw.numpy().tobytes())).convert("RGB")
-        pil = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)
+        pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
         assert tensor.shape == pil.shape and tensor.dtype == torch.uint8
         assert (tensor.float() - pil.float()).abs().mean() < 2.0  # libjpeg's IDCT against PIL's: rounding only
     png = decode_images([encoded(images[0], "PNG")])[0]

@@ -12,6 +12,8 @@ from reference import classic_sinkhorn, classic_swav_loss
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, sinkhorn
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 WORLD = 2
 FEAT_DIM = 8
 

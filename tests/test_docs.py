@@ -68,3 +68,9 @@ def test_every_flag_of_the_example_has_a_help_text(capsys):
         parser.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "(default: None)" not in text
+
+
+def test_the_declared_ignite_floor_is_the_one_make_test_min_tries():
+    floor = re.search(r"pytorch-ignite>=([\d.]+)", (ROOT / "setup.cfg").read_text()).group(1)
+    tried = re.search(r"IGNITE_FLOOR \?= ([\d.]+)", (ROOT / "Makefile").read_text()).group(1)
+    assert floor == tried

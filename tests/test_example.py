@@ -20,6 +20,8 @@ from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
 from ignite_swav import BatchedMultiCrop, collate_images  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "3", "--queue-length", "32", "--epoch-queue-starts", "0"]
 TINY += ["--freeze-prototypes-iters", "2"]
 

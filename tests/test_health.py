@@ -289,5 +289,6 @@ def _two_rank_worker(rank: int) -> None:
     assert metrics["prototype_usage"] >= local.mean().item() - 1e-6
 
 
+@pytest.mark.distributed
 def test_two_ranks_get_the_same_metrics():
     idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)

@@ -133,5 +133,6 @@ def _two_rank_worker(rank):
     assert torch.allclose(weights[0], weights[1]), "every rank holds the same classifier"
 
 
+@pytest.mark.distributed
 def test_two_ranks_train_one_classifier():
     idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)

@@ -220,3 +220,24 @@ def test_a_resume_on_another_epoch_length_continues_the_curve_at_the_same_fracti
     resumed.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(optimizer.param_groups[0]["lr"]))
     resumed.run(range(5), max_epochs=6)
     assert seen == pytest.approx([reference_lr(i, 5, args) for i in range(15, 30)], rel=1e-9)
+
+
+def test_a_recipe_is_a_file_of_settings_and_adding_one_means_adding_a_file(tmp_path: Path, capsys):
+    mine = tmp_path / "my_recipe.json"
+    mine.write_text(json.dumps({"_about": "a shorter 200-epoch run", "epochs": 50, "lr": 0.3, "queue_length": 1920}))
+    config = resolved("--recipe", str(mine), "--dataset", "cifar10")
+    assert (config["recipe"], config["epochs"], config["lr"], config["queue_length"]) == (str(mine), 50, 0.3, 1920)
+    assert config["num_prototypes"] == 1000  # the rest: the data set's defaults
+    assert sorted(swav_config.RECIPES) == sorted(p.stem for p in (swav_config.CONFIGS / "recipes").glob("*.json"))
+    mine.write_text(json.dumps({"epochs": 50, "learning_rate": 0.3}))
+    assert train_swav.main(["--recipe", str(mine), "--print-config"]) == 2
+    assert "has settings no flag of this script sets: ['learning_rate']" in capsys.readouterr().err
+    assert train_swav.main(["--recipe", "swav_1600ep", "--print-config"]) == 2
+    assert "'swav_1600ep' is neither a published recipe" in capsys.readouterr().err
+
+
+def test_print_config_prints_every_setting_flag_of_the_parser():
+    parser = swav_config.build_parser()
+    flags = {a.dest for a in parser._actions if a.dest in parser.get_default("setting_keys")}
+    config = resolved()
+    assert set(config) == {"recipe", "seed", *flags} and len(flags) > 30

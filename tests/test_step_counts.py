@@ -83,5 +83,6 @@ def _two_process_worker(rank: int) -> None:
     _check_step_counts(_count_steps())
 
 
+@pytest.mark.distributed
 def test_a_training_step_on_two_processes_waits_for_the_device_at_most_twice():
     idist.spawn("gloo", _two_process_worker, args=(), nproc_per_node=2)

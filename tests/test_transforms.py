@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from ignite_swav import MultiCropTransform, multicrop_collate
+from ignite_swav import MultiCropTransform, collate_crops
 
 
 def test_default_is_the_swav_imagenet_recipe():
@@ -97,18 +97,18 @@ class _CropDataset(TensorDataset):
 
 
 def test_collate_stacks_crops_for_the_dataloader():
-    crops, targets = next(iter(DataLoader(_CropDataset(True), batch_size=4, collate_fn=multicrop_collate)))
+    crops, targets = next(iter(DataLoader(_CropDataset(True), batch_size=4, collate_fn=collate_crops)))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 8, 8)] * 2 + [(4, 3, 4, 4)] * 3
     assert targets.tolist() == [0, 1, 2, 3]
-    crops = next(iter(DataLoader(_CropDataset(False), batch_size=4, collate_fn=multicrop_collate)))
+    crops = next(iter(DataLoader(_CropDataset(False), batch_size=4, collate_fn=collate_crops)))
     assert isinstance(crops, list) and len(crops) == 5
 
 
 def test_collate_refuses_ragged_samples():
     with pytest.raises(ValueError, match="sample 1 has 1 crops, sample 0 has 2"):
-        multicrop_collate([[torch.zeros(3, 4, 4)] * 2, [torch.zeros(3, 4, 4)]])
+        collate_crops([[torch.zeros(3, 4, 4)] * 2, [torch.zeros(3, 4, 4)]])
     with pytest.raises(ValueError, match="empty batch"):
-        multicrop_collate([])
+        collate_crops([])
 
 
 def test_flip_and_jitter_can_be_turned_off():
@@ -142,3 +142,13 @@ def test_a_crop_size_that_would_exhaust_memory_is_refused_by_both_augmentations(
     for make in (MultiCropTransform, BatchedMultiCrop):
         with pytest.raises(ValueError, match="size_crops\\[0\\] must be at most 8192 pixels, got 100000"):
             make(size_crops=(10**5,), num_crops=(2,), min_scale_crops=(0.5,), max_scale_crops=(1.0,))
+
+
+def test_the_old_collate_name_still_works_with_a_deprecation_warning():
+    from ignite_swav import collate_crops, multicrop_collate
+
+    samples = [([torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 1) for _ in range(2)]
+    with pytest.warns(DeprecationWarning, match="multicrop_collate is now ignite_swav.collate_crops"):
+        old = multicrop_collate(samples)
+    new = collate_crops(samples)
+    assert [c.shape for c in old[0]] == [c.shape for c in new[0]] and torch.equal(old[1], new[1])

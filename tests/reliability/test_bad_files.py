@@ -18,6 +18,8 @@ from ignite_swav import SwAVLoss, SwAVQueueHandler, load_checkpoint_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "2", "--queue-length", "32", "--epoch-queue-starts", "0"]
 
 

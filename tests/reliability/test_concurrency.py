@@ -9,10 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import run_dir  # noqa: E402
 import train_swav  # noqa: E402
 from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "2", "--queue-length", "0"]
 

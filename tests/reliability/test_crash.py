@@ -18,6 +18,8 @@ from tiny_run import ITERATIONS_PER_EPOCH, build, digest, images
 
 from ignite_swav import load_checkpoint_file
 
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).with_name("crash_child.py")
 
 

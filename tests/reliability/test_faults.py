@@ -15,6 +15,8 @@ from tiny_run import build, images
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, load_checkpoint_file, sinkhorn
 
+pytestmark = pytest.mark.slow
+
 
 def _poison_backbone(to_save):
     with torch.no_grad():

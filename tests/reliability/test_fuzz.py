@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fuzz_cases import cases, run_case
 from hypothesis import HealthCheck, given, settings
+
+pytestmark = pytest.mark.slow
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import TINY_EXAMPLE_ARGS
 from ignite.engine import Events
@@ -18,6 +19,8 @@ from ignite_swav import load_checkpoint_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_swav  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 def record(trainer, log: list) -> None:

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import run_dir  # noqa: E402
 import train_swav  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "3", "--queue-length", "0"]
 SCRIPT = Path(train_swav.__file__)
 
@@ -157,3 +159,31 @@ def test_a_problem_found_in_the_spawned_processes_is_one_line(tmp_path: Path, ca
         == 2
     )
     assert "--batch-size 5000 x 2 process(es) is larger than the data set" in capsys.readouterr().err
+
+
+def test_resume_from_auto_starts_afresh_then_resumes_from_the_newest_valid_checkpoint(tmp_path: Path, capsys):
+    output = tmp_path / "job"
+    auto = [*TINY, "--output-dir", str(output), "--resume-from", "auto"]
+    assert train_swav.main([*auto, "--epochs", "1"]) == 0  # nothing there yet: a fresh run
+    capsys.readouterr()
+    saved = sorted(output.glob("swav_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    newest = saved[-1]
+    damaged = output / "swav_checkpoint_99.pt"  # a newer name whose file is damaged: skipped, with a warning
+    damaged.write_bytes(newest.read_bytes()[:500])
+    assert train_swav.main([*auto, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from '{newest}' at epoch 1" in out
+    assert (
+        torch.load(max(output.glob("swav_checkpoint_*.pt"), key=lambda p: p.stat().st_mtime), weights_only=True)[
+            "trainer"
+        ]["epoch"]
+        == 2
+    )
+
+
+def test_a_log_file_gets_the_epoch_lines_and_no_progress_bar(tmp_path: Path):
+    argv = [sys.executable, str(SCRIPT), *TINY, "--epochs", "2", "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # stdout and stderr are not terminals
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch 1/2: loss" in result.stdout and "epoch 2/2: loss" in result.stdout
+    assert "\r" not in result.stderr and "it/s" not in result.stderr  # no per-iteration progress lines

@@ -16,7 +16,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from ignite_swav._distributed import gather_rows, real_rows_of_rank
+from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
 from ignite_swav._validation import check_int, check_positive_float, device_type_of, resolve_autocast_dtype
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
@@ -69,7 +69,7 @@ def extract_features(
     loader: Iterable[Any],
     device: str | torch.device | None = None,
     non_blocking: bool = False,
-    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+    prepare_batch: Callable[..., Any] = _prepare_batch,
     model_transform: Callable[[Any], Any] = lambda output: output,
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised features (``model_transform(backbone(x))``, flattened) and labels of every batch of
@@ -100,7 +100,7 @@ def recalibrate_batchnorm(
     loader: Iterable[Any],
     device: str | torch.device | None = None,
     non_blocking: bool = False,
-    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+    prepare_batch: Callable[..., Any] = _prepare_batch,
 ) -> nn.Module:
     """A copy of ``backbone`` in eval mode whose batch norm running statistics are those of ``loader``'s images.
 
@@ -126,8 +126,9 @@ def recalibrate_batchnorm(
     world_size = idist.get_world_size()
     for layer in copy.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-            layer.running_mean.copy_(idist.all_reduce(layer.running_mean.clone()) / world_size)
-            layer.running_var.copy_(idist.all_reduce(layer.running_var.clone()) / world_size)
+            assert layer.running_mean is not None and layer.running_var is not None  # track_running_stats
+            layer.running_mean.copy_(all_reduce(layer.running_mean.clone()) / world_size)
+            layer.running_var.copy_(all_reduce(layer.running_var.clone()) / world_size)
     return copy.eval()
 
 
@@ -235,7 +236,7 @@ def create_knn_evaluator(
     reference_loader: Iterable[Any],
     device: str | torch.device | None = None,
     non_blocking: bool = False,
-    prepare_batch: Callable[..., tuple[Any, Any]] = _prepare_batch,
+    prepare_batch: Callable[..., Any] = _prepare_batch,
     model_transform: Callable[[Any], Any] = lambda output: output,
     output_transform: Callable[[Any, Any, Any], Any] = lambda x, y, y_pred: (y_pred, y),
     amp_mode: str | None = None,

@@ -181,7 +181,6 @@ class SwAVLoss(nn.Module):
         assigned, limits = self._constants(all_scores.device)
         assigned_scores = all_scores.index_select(0, assigned)
 
-        # The queue's scores under the current prototypes, read before this step's push.
         # The Sinkhorn's rows: the assigned crops' scores, then the queue's scores under the current prototypes,
         # read before this step's push, computed straight into the workspace.
         checked_prototypes = None
@@ -215,11 +214,9 @@ class SwAVLoss(nn.Module):
         flags = torch.stack(measured).le(limits[: len(measured)]).logical_not_()
         if idist.get_world_size() > 1:
             flags = any_flag_on_any_rank(flags.float())
-        if queue is not None:
-            self._push(queue, pushed_embeddings, flags.any().logical_not())
+        counted = self._push(queue, pushed_embeddings, flags.any().logical_not()) if queue is not None else 0
         self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
-        pushed = 0 if queue is None else min(batch_size, queue.shape[1])
-        self._pending_check = (flags, all_scores, pushed_embeddings, checked_prototypes, pushed)
+        self._pending_check = (flags, all_scores, pushed_embeddings, checked_prototypes, counted)
         if check_finite:
             self.raise_if_non_finite()
         return loss
@@ -233,11 +230,11 @@ class SwAVLoss(nn.Module):
         """
         if self._pending_check is None:
             return
-        flags, all_scores, pushed_embeddings, prototypes, pushed = self._pending_check
+        flags, all_scores, pushed_embeddings, prototypes, counted = self._pending_check
         self._pending_check = None
         if bool(flags.any()):
             if self._queue_rows_written is not None:
-                self._queue_rows_written -= pushed  # the push was skipped on the device
+                self._queue_rows_written -= counted  # the push was skipped on the device: uncount its rows
             self._raise_bad_values(all_scores, pushed_embeddings, prototypes)
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -271,15 +268,19 @@ class SwAVLoss(nn.Module):
         return self._queue_rows_written >= queue.shape[1]
 
     @torch.no_grad()
-    def _push(self, queue: Tensor, embeddings: Tensor, valid: Tensor) -> None:
-        # Newest rows first: the batch on top of the queue shifted down by the batch. Chosen on the device by
-        # ``valid`` (no host synchronisation), so a bad step leaves the queue as it was.
+    def _push(self, queue: Tensor, embeddings: Tensor, valid: Tensor) -> int:
+        """Push the batch (newest rows first: on top of the queue shifted down by the batch), chosen on the device
+        by ``valid`` (no host synchronisation), so a bad step leaves the queue as it was; returns how many rows
+        were counted as written on the host."""
         length = queue.shape[1]
         pushed = min(embeddings.shape[1], length)
         updated = torch.cat([embeddings[:, :pushed].to(queue.dtype), queue[:, : length - pushed]], dim=1)
         queue.copy_(torch.where(valid, updated, queue))
-        if self._queue_rows_written is not None:
-            self._queue_rows_written = min(length, self._queue_rows_written + pushed)
+        if self._queue_rows_written is None:
+            return 0
+        counted = min(length, self._queue_rows_written + pushed) - self._queue_rows_written
+        self._queue_rows_written += counted
+        return counted
 
     def _check_inputs(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> int:
         for name, value in (("scores", scores), ("embeddings", embeddings)):

@@ -260,3 +260,37 @@ def test_a_deferred_check_raises_later_and_the_queue_is_never_written():
     loss_fn(scores=finite_scores, embeddings=finite_embeddings, prototypes=prototypes, check_finite=False)
     loss_fn.raise_if_non_finite()
     assert torch.equal(loss_fn.queue[0, :4], finite_embeddings[0])
+
+
+def test_a_refused_step_on_a_full_queue_leaves_it_counted_full():
+    prototypes = unit_prototypes()
+    loss_fn = SwAVLoss()
+    full = F.normalize(torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(4)), dim=2)
+    loss_fn.queue = full.clone()
+    scores, embeddings = make_crops(2, 4, 8, prototypes)
+    loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
+    assert loss_fn.use_queue
+    bad = [embeddings[0].clone(), embeddings[1]]
+    bad[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        loss_fn(scores=scores, embeddings=bad, prototypes=prototypes)
+    loss_fn.use_queue = False  # a new epoch: the fill level comes from the host's count, which must still be full
+    loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
+    assert loss_fn.use_queue
+
+
+def test_a_queue_filled_in_place_is_read_once_when_assigned():
+    from helpers import DispatchCounter
+
+    prototypes = unit_prototypes()
+    scores, embeddings = make_crops(2, 4, 8, prototypes)
+    loss_fn = SwAVLoss()
+    half = torch.zeros(2, 8, 8)
+    half[:, :4] = F.normalize(torch.randn(2, 4, 8), dim=2)  # 4 rows written: 4 to go
+    loss_fn.queue = half
+    with DispatchCounter() as first:
+        loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
+    assert first.synchronisations == 1 and not loss_fn.use_queue  # the fill level, read once
+    with DispatchCounter() as second:
+        loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
+    assert second.synchronisations == 1 and loss_fn.use_queue  # the pending check of the first call only

@@ -47,7 +47,7 @@ Try, in this order: (1) use a shorter queue; (2) lower the lr.
     """
 
     epoch: int
-    #: ``"collapse"``: the signature (codes near uniform, loss near ln K) holds and does not improve, or came back;
+    #: ``"collapse"``: the signature (codes near uniform, loss near ln K) holds and does not improve, or appeared;
     #: ``"queue"``: the loss rose clearly in the epochs after the queue came in
     kind: str
     evidence: str
@@ -79,7 +79,7 @@ def diagnose(
     - **collapse signature**: ``code_entropy >= entropy_threshold`` and ``loss_over_lnk >= loss_threshold``.
       A network at random initialisation shows it too, so it alarms only when it *persists without
       improving* (it held in the previous epoch as well and the loss fell by less than ``min_improvement`` x
-      ln K) or *comes back* after an epoch without it. Once per episode: no new alarm until an epoch without it.
+      ln K) or *appears* after an epoch without it. Once per episode: no new alarm until an epoch without it.
     - **queue rise**: in the first ``queue_window`` epochs whose codes used the queue, ``loss_over_lnk`` rose by
       ``queue_rise`` or more above the last epoch before the queue. Once per run.
 
@@ -120,7 +120,7 @@ def diagnose(
             and now["loss_over_lnk"] > before[-1]["loss_over_lnk"] - min_improvement
         )
         if not episode_alarmed and ((came_back and not signature(before[-1])) or stuck):
-            how = "came back after it had gone" if came_back and not signature(before[-1]) else "is not improving"
+            how = "appeared after an epoch without it" if came_back and not signature(before[-1]) else "is not improving"
             return CollapseReport(
                 int(now["epoch"]), "collapse", f"{evidence}; this {how}", queue_recent, _remedies(queue_recent)
             )

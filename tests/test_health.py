@@ -170,9 +170,9 @@ def test_diagnose_rules_on_histories():
     assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)]).kind == "collapse"
     # the same episode is reported once
     assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.02, alarm=True), record(3, 0.97, 1.03)]) is None
-    # came back after it had gone, right away
+    # appeared after an epoch without it (it had gone), right away
     report = diagnose([record(1, 0.96, 1.0), record(2, 0.5, 0.6), record(3, 0.95, 0.95)])
-    assert report.kind == "collapse" and "came back" in report.evidence
+    assert report.kind == "collapse" and "appeared after an epoch without it" in report.evidence
     # a rise after the queue came in, within the window; not before, not after
     base = [record(1, 0.5, 0.6), record(2, 0.4, 0.5)]
     assert diagnose([*base, record(3, 0.5, 0.56, queue_used=True)]).kind == "queue"

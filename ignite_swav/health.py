@@ -120,7 +120,9 @@ def diagnose(
             and now["loss_over_lnk"] > before[-1]["loss_over_lnk"] - min_improvement
         )
         if not episode_alarmed and ((came_back and not signature(before[-1])) or stuck):
-            how = "appeared after an epoch without it" if came_back and not signature(before[-1]) else "is not improving"
+            how = (
+                "appeared after an epoch without it" if came_back and not signature(before[-1]) else "is not improving"
+            )
             return CollapseReport(
                 int(now["epoch"]), "collapse", f"{evidence}; this {how}", queue_recent, _remedies(queue_recent)
             )

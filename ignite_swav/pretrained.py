@@ -122,12 +122,13 @@ def load_official_checkpoint(
         parts = [f"keys unknown to torchvision's {arch}: {_described(unknown)}"] if unknown else []
         parts += [f"missing keys of {arch}: {_described(missing)}"] if missing else []
         raise ValueError(f"source does not hold a {arch} backbone in the released SwAV format: {'; '.join(parts)}")
-    for key, tensor in expected.items():
-        if backbone_weights[key].shape != tensor.shape:
-            raise ValueError(
-                f"source does not hold a {arch} backbone: '{key}' is {tuple(backbone_weights[key].shape)}, {arch} "
-                f"has {tuple(tensor.shape)} (a checkpoint of another architecture?)"
-            )
+    mismatch = _shape_mismatch(backbone_weights, expected)
+    if mismatch:
+        key, found, wanted = mismatch
+        raise ValueError(
+            f"source does not hold a {arch} backbone: '{key}' is {found}, {arch} has {wanted} "
+            "(a checkpoint of another architecture?)"
+        )
     backbone.load_state_dict(backbone_weights)
 
     head_weights = {
@@ -152,6 +153,14 @@ def load_official_checkpoint(
     return SwAVModel(backbone, projection, prototypes).eval()
 
 
+def _shape_mismatch(weights: dict[str, Tensor], expected: dict[str, Tensor]) -> tuple[str, tuple, tuple] | None:
+    """The first key of ``expected`` whose tensor in ``weights`` has another shape, with both shapes."""
+    for key, tensor in expected.items():
+        if weights[key].shape != tensor.shape:
+            return key, tuple(weights[key].shape), tuple(tensor.shape)
+    return None
+
+
 def _projection_head(head: dict[str, Tensor], width: int, out_dim: int) -> SwAVProjectionHead:
     if not head:
         return SwAVProjectionHead(width, 2048, out_dim)
@@ -170,12 +179,13 @@ def _projection_head(head: dict[str, Tensor], width: int, out_dim: int) -> SwAVP
     missing = [f"projection_head.{k[len('layers.') :]}" for k in expected if k not in renamed]
     if unknown or missing:
         raise ValueError(f"the checkpoint's projection head: unknown {unknown}, missing {missing}")
-    for key, tensor in expected.items():
-        if renamed[key].shape != tensor.shape:
-            raise ValueError(
-                f"the checkpoint's 'projection_head.{key[len('layers.') :]}' is {tuple(renamed[key].shape)}, expected "
-                f"{tuple(tensor.shape)} for features of width {width}"
-            )
+    mismatch = _shape_mismatch(renamed, expected)
+    if mismatch:
+        key, found, wanted = mismatch
+        raise ValueError(
+            f"the checkpoint's 'projection_head.{key[len('layers.') :]}' is {found}, expected {wanted} "
+            f"for features of width {width}"
+        )
     projection.load_state_dict(renamed)
     return projection
 

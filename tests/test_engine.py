@@ -374,34 +374,37 @@ def test_a_queue_handler_that_is_not_attached_to_the_trainer_is_named_once(caplo
     assert "not attached" not in caplog.text
 
 
+def shuffled_loader() -> torch.utils.data.DataLoader:
+    """16 crop sets in shuffled batches of 4: the order depends on the random state a resume must restore."""
+    crops = random_crops(16, sizes=(16, 16, 8, 8))
+    return torch.utils.data.DataLoader(
+        list(zip(zip(*[c for c in crops]), range(16))),
+        batch_size=4,
+        shuffle=True,
+        collate_fn=lambda samples: ([torch.stack(c) for c in zip(*[s[0] for s in samples])], torch.arange(4)),
+    )
+
+
+def deterministic_trainer_recording_losses() -> tuple[Engine, dict, list]:
+    trainer, to_save = trainer_with_queue(deterministic=True)
+    losses: list = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
+    return trainer, to_save, losses
+
+
 def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tmp_path: Path):
     from ignite.engine import DeterministicEngine
 
     from ignite_swav import load_checkpoint_file
 
-    def make():
-        trainer, to_save = trainer_with_queue(deterministic=True)
-        losses = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
-        return trainer, to_save, losses
-
-    def shuffled_loader():
-        crops = random_crops(16, sizes=(16, 16, 8, 8))
-        return torch.utils.data.DataLoader(
-            list(zip(zip(*[c for c in crops]), range(16))),
-            batch_size=4,
-            shuffle=True,
-            collate_fn=lambda samples: ([torch.stack(c) for c in zip(*[s[0] for s in samples])], torch.arange(4)),
-        )
-
-    trainer, to_save, losses = make()
+    trainer, to_save, losses = deterministic_trainer_recording_losses()
     assert isinstance(trainer, DeterministicEngine)
     checkpoint = Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
     torch.manual_seed(3)
     trainer.run(shuffled_loader(), max_epochs=4)
 
-    resumed, to_load, resumed_losses = make()
+    resumed, to_load, resumed_losses = deterministic_trainer_recording_losses()
     Checkpoint.load_objects(to_load, load_checkpoint_file(tmp_path / "checkpoint_8.pt"))
     Checkpoint.load_objects(to_load, str(tmp_path / "checkpoint_8.pt"))
     torch.manual_seed(3)  # Ignite's DeterministicEngine draws its seed from torch's generator at the start
@@ -410,28 +413,13 @@ def test_a_deterministic_run_resumes_from_its_checkpoint_with_the_same_losses(tm
 
 
 def test_a_deterministic_run_resumes_exactly_whatever_the_resumed_process_drew_before(tmp_path: Path):
-    def shuffled_loader():
-        crops = random_crops(16, sizes=(16, 16, 8, 8))
-        return torch.utils.data.DataLoader(
-            list(zip(zip(*[c for c in crops]), range(16))),
-            batch_size=4,
-            shuffle=True,
-            collate_fn=lambda samples: ([torch.stack(c) for c in zip(*[s[0] for s in samples])], torch.arange(4)),
-        )
-
-    def make():
-        trainer, to_save = trainer_with_queue(deterministic=True)
-        losses = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output))
-        return trainer, to_save, losses
-
     torch.manual_seed(3)
-    trainer, to_save, losses = make()
+    trainer, to_save, losses = deterministic_trainer_recording_losses()
     saver = Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
     trainer.run(shuffled_loader(), max_epochs=4)
 
-    resumed, to_load, resumed_losses = make()
+    resumed, to_load, resumed_losses = deterministic_trainer_recording_losses()
     torch.manual_seed(999)
     torch.randn(100)  # the resumed process used its generator otherwise: the run seed comes from the checkpoint
     Checkpoint.load_objects(to_load, str(tmp_path / "checkpoint_12.pt"))

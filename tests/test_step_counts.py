@@ -23,8 +23,17 @@ def reference_case(seed: int = 0):
     return prototypes, embeddings, queue
 
 
+@pytest.fixture
+def accelerator_path(monkeypatch):
+    """The loss as it runs on accelerators (all crops' log-softmax in one pass), counted on the CPU; on the CPU
+    itself it takes one crop at a time, more operations but faster there (their launches cost nothing)."""
+    import ignite_swav.loss
+
+    monkeypatch.setattr(ignite_swav.loss, "_one_crop_at_a_time", lambda crop_scores: False)
+
+
 @pytest.mark.parametrize("with_queue", [True, False])
-def test_one_loss_call_dispatches_at_most_100_operations_and_never_waits_for_the_device(with_queue):
+def test_one_loss_call_dispatches_at_most_100_operations_and_never_waits_for_the_device(with_queue, accelerator_path):
     prototypes, embeddings, queue = reference_case()
     loss_fn = SwAVLoss()
     loss_fn.queue = queue if with_queue else None
@@ -41,6 +50,31 @@ def test_one_loss_call_dispatches_at_most_100_operations_and_never_waits_for_the
     with DispatchCounter() as check:
         loss_fn.raise_if_non_finite()
     assert check.synchronisations == 1
+
+
+def test_the_cpus_one_crop_at_a_time_path_gives_the_same_loss_and_gradients_and_never_waits(monkeypatch):
+    import ignite_swav.loss
+
+    results = []
+    for one_at_a_time in (True, False):
+        monkeypatch.setattr(ignite_swav.loss, "_one_crop_at_a_time", lambda crop_scores, value=one_at_a_time: value)
+        prototypes, embeddings, queue = reference_case()
+        loss_fn = SwAVLoss()
+        loss_fn.queue = queue
+        loss_fn(scores=[z @ prototypes.t() for z in embeddings], embeddings=embeddings, prototypes=prototypes)  # warm
+        scores = [z @ prototypes.t() for z in embeddings]
+        with DispatchCounter() as forward:
+            loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
+        for z in embeddings:
+            z.grad = None
+        loss.backward()
+        assert forward.synchronisations == 0, forward.operations
+        results.append((loss.detach(), [z.grad for z in embeddings], forward.total))
+    (crop_loss, crop_grads, crop_ops), (batched_loss, batched_grads, batched_ops) = results
+    assert crop_ops > batched_ops  # the two paths really differ
+    torch.testing.assert_close(crop_loss, batched_loss, rtol=1e-6, atol=0)
+    for a, b in zip(crop_grads, batched_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
 
 
 def _count_steps(epochs: int = 3) -> list[tuple[int, bool, int]]:

@@ -117,7 +117,10 @@ class OnlineLinearProbe(Serializable):
             self._armed, self._features = False, output.detach()
 
     def _build(self, in_features: int, device: torch.device) -> None:
-        self.classifier = nn.Linear(in_features, self.num_classes).to(device)
+        # Made in the first iteration: a draw from the global stream there would change every later crop and
+        # batch order, so that attaching the probe would change what SwAV trains.
+        with torch.random.fork_rng(devices=[]):
+            self.classifier = nn.Linear(in_features, self.num_classes).to(device)
         if idist.get_world_size() > 1:  # the same start on every rank
             for parameter in self.classifier.parameters():
                 parameter.data.copy_(broadcast(parameter.data, src=0))

@@ -62,6 +62,25 @@ def test_the_probe_sends_no_gradient_into_the_backbone():
         assert torch.equal(parameter.grad, grads[name]), name
 
 
+def test_the_probe_leaves_the_runs_random_stream_and_weights_as_they_are():
+    """Attaching the probe must not change what SwAV trains: its classifier is made without drawing from the global
+    random stream that the crops and the data order come from."""
+    runs = {}
+    for with_probe in (False, True):
+        model = tiny_swav_model(seed=0)
+        trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), SwAVLoss())
+        if with_probe:
+            OnlineLinearProbe(model.backbone, num_classes=3).attach(trainer)
+        draws = []
+        trainer.add_event_handler(Events.ITERATION_STARTED, lambda _, draws=draws: draws.append(torch.rand(1).item()))
+        torch.manual_seed(0)
+        trainer.run(labelled_crops(3), max_epochs=2)
+        runs[with_probe] = draws, [p.detach().clone() for p in model.parameters()]
+    assert runs[True][0] == runs[False][0]
+    for with_probe, without in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(with_probe, without)
+
+
 def test_the_probe_is_scored_in_the_knn_evaluators_pass():
     trainer, model, _, probe = trainer_with_probe()
     trainer.run(labelled_crops(), max_epochs=2)

@@ -1,8 +1,10 @@
-"""The module inside the wrappers users put around a model: DDP and DataParallel (``.module``), torch.compile
-(``._orig_mod``)."""
+"""The modules users hand us: the module inside their wrappers (DDP and DataParallel ``.module``, torch.compile
+``._orig_mod``), and a module evaluated without losing its mode."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 from torch import nn
@@ -18,3 +20,14 @@ def unwrap_model(module: nn.Module) -> nn.Module:
         else:
             break
     return module
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block, then in the mode it had before (also when the block raises)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
 from ignite_swav._validation import check_int, check_positive_float
-from ignite_swav._wrappers import unwrap_model
+from ignite_swav._wrappers import evaluating, unwrap_model
 from ignite_swav.modules import SwAVModel
 from ignite_swav.sinkhorn import sinkhorn
 
@@ -69,9 +69,7 @@ def assign_clusters(
     epsilon = check_positive_float("epsilon", epsilon)
     sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
     prototypes = F.normalize(swav.prototypes.weight.detach().float(), dim=1)
-    was_training = swav.training
-    swav.eval()
-    try:
+    with evaluating(swav):
         scores = []
         for index, batch in enumerate(data):
             images = prepare_images(batch)
@@ -83,8 +81,6 @@ def assign_clusters(
                 )
             embeddings = swav([images.to(device=device or prototypes.device)])[0][0]
             scores.append(F.normalize(embeddings.float(), dim=1) @ prototypes.to(embeddings.device).t())
-    finally:
-        swav.train(was_training)
     has_scores = torch.tensor([float(bool(scores))])
     if idist.get_world_size() > 1:
         has_scores = all_reduce(has_scores, op="MIN")

@@ -18,6 +18,7 @@ from torch.optim.swa_utils import update_bn
 
 from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
 from ignite_swav._validation import check_int, check_positive_float, device_type_of, resolve_autocast_dtype
+from ignite_swav._wrappers import evaluating
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
@@ -86,12 +87,8 @@ def extract_features(
         >>> features.shape, labels.shape
         (torch.Size([8, 3]), torch.Size([8]))
     """
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with evaluating(backbone):
         return _extract(backbone, loader, device, non_blocking, prepare_batch, model_transform)
-    finally:
-        backbone.train(was_training)
 
 
 @torch.no_grad()

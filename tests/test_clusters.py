@@ -25,6 +25,7 @@ def test_ids_are_the_best_prototype_in_eval_mode_and_the_mode_is_restored():
     running_mean = model.backbone.bn.running_mean.clone()
     data = [(images(5, 0), torch.zeros(5)), (images(3, 1), torch.zeros(3))]
     ids = assign_clusters(model, data)
+    assert model.training, "the model's mode is restored"
     model.eval()
     expected = torch.cat([scores_by_hand(model, x) for x, _ in data]).argmax(dim=1)
     assert ids.dtype == torch.long and torch.equal(ids, expected)
@@ -64,8 +65,10 @@ def test_bad_inputs_get_one_clear_error():
     model = tiny_swav_model()
     with pytest.raises(ValueError, match="data yielded no images"):
         assign_clusters(model, [])
+    model.train()
     with pytest.raises(ValueError, match=r"batch 1 of data holds no images.*got \(0, 3, 8, 8\)"):
         assign_clusters(model, [images(2, 0), images(0, 0)])
+    assert model.training, "the model's mode is restored when a batch is refused"
     with pytest.raises(ValueError, match=r"batch 0 of data holds no images.*got str"):
         assign_clusters(model, ["cat.jpg"])
     with pytest.raises(TypeError, match="model must be an ignite_swav.SwAVModel"):

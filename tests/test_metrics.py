@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from ignite.exceptions import NotComputableError
 from torch import nn
 
@@ -87,6 +88,20 @@ def test_evaluator_embeds_the_reference_with_the_backbone_each_run():
         backbone.bias.fill_(1.0)
     evaluator.run(heldout_loader)
     assert evaluator.state.metrics["knn_top1"] < 1.0
+
+
+def test_extract_features_runs_in_eval_mode_and_restores_the_mode_also_on_error():
+    backbone = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.9)).train()
+    x = torch.ones(4, 3)
+    features, _ = extract_features(backbone, [(x, torch.zeros(4))])
+    torch.testing.assert_close(features, F.normalize(backbone[0](x).detach(), dim=1))  # no dropout: eval mode
+    assert backbone.training
+    with pytest.raises(TypeError):
+        extract_features(backbone, [("not", "a batch")])
+    assert backbone.training
+    backbone.eval()
+    extract_features(backbone, [(x, torch.zeros(4))])
+    assert not backbone.training
 
 
 def test_extract_features_refuses_an_empty_loader():

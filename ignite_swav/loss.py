@@ -247,10 +247,10 @@ class SwAVLoss(nn.Module):
             weights.index_add_(0, assigned, codes, alpha=-1)
             log_probs = F.log_softmax(stacked_scores.float().div(self.temperature), dim=2)
             return torch.dot(weights.view(-1), log_probs.view(-1))
-        slot_of_crop = {crop: slot for slot, crop in enumerate(self.crops_for_assign)}
         terms = []
         for crop, crop_scores in enumerate(scores):
-            weight = total if crop not in slot_of_crop else total - codes[slot_of_crop[crop]]
+            assigned_slot = self.crops_for_assign.index(crop) if crop in self.crops_for_assign else None
+            weight = total if assigned_slot is None else total - codes[assigned_slot]
             log_probs = F.log_softmax(crop_scores.float().div(self.temperature), dim=1)
             terms.append(torch.dot(weight.view(-1), log_probs.view(-1)))
         return torch.stack(terms).sum()

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ignite import distributed as idist
 from torch import Tensor, nn
 
-from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
+from ignite_swav._distributed import gather_rows, non_finite_on_any_rank, real_rows_of_rank, values_by_rank
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import evaluating, unwrap_model
 from ignite_swav.modules import SwAVModel
@@ -81,12 +80,16 @@ def assign_clusters(
                 )
             embeddings = swav([images.to(device=device or prototypes.device)])[0][0]
             scores.append(F.normalize(embeddings.float(), dim=1) @ prototypes.to(embeddings.device).t())
-    has_scores = torch.tensor([float(bool(scores))])
-    if idist.get_world_size() > 1:
-        has_scores = all_reduce(has_scores, op="MIN")
-    if not bool(has_scores.item()):
-        raise ValueError("data yielded no images (on this rank or another one): there is nothing to assign")
-    local = torch.cat(scores)[: real_rows_of_rank(data)]  # not the repeats of a padded DistributedSampler
+    # a rank whose shard is empty (or all padding) takes part with no row: the equipartition is over the others'
+    real = real_rows_of_rank(data)  # not the repeats of a padded DistributedSampler
+    local = torch.cat(scores)[:real] if scores else prototypes.new_zeros(0, prototypes.shape[0])
+    if sum(row[0] for row in values_by_rank([len(local)])) == 0:
+        raise ValueError("data yielded no images (on any process): there is nothing to assign")
+    if any(non_finite_on_any_rank([local])):  # NaN would win every argmax: every image in cluster 0, silently
+        raise ValueError(
+            "some images give NaN or infinite embeddings (on this rank or another one): check the images (a NaN "
+            "pixel?) and the model's weights; no cluster was assigned"
+        )
     if balanced:
         ids = sinkhorn(local, iterations=sinkhorn_iterations, epsilon=epsilon, max_abs_score=1.0).argmax(dim=1)
     else:

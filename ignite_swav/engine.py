@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -15,8 +16,9 @@ from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ignite_swav._distributed import values_by_rank
+from ignite_swav._distributed import all_reduce, check_same_on_every_rank, values_by_rank
 from ignite_swav._validation import check_int, device_type_of, resolve_autocast_dtype
+from ignite_swav._verdict import HostCopy, StateGuard, nonfinite_gradients
 from ignite_swav.decode import decode_images, is_encoded_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
@@ -24,7 +26,44 @@ from ignite_swav.loss import SwAVLoss
 __all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch", "swav_training_step"]
 
 
-class _ResumableDeterministicEngine(DeterministicEngine):
+class _AgreedStop:
+    """``terminate()`` that never stops one process alone: on several processes a call (Ignite's ``TimeLimit``, a
+    handler whose condition holds on one rank) is a request, combined with every other process's in the next
+    step's verdict (or at the next epoch's start, where they meet) and carried out by all of them at the same
+    iteration; a process that stopped alone would leave the others waiting in the next collective. On one process
+    it stops at once, as Ignite's."""
+
+    def __init__(self, process_function: Callable[[Engine, Any], Any]) -> None:
+        super().__init__(process_function)  # type: ignore[call-arg]
+        self._stop_request: bool | str = False
+
+    def terminate(self, skip_completed: bool = False) -> None:
+        if idist.get_world_size() > 1:
+            self._stop_request = "skip_completed" if skip_completed else (self._stop_request or True)
+            return
+        Engine.terminate(cast(Engine, self), skip_completed)
+
+    def _stop(self, code: float) -> None:
+        """Carry out a stop every process agreed on (``code`` 2: without ``COMPLETED``)."""
+        self._stop_request = False
+        Engine.terminate(cast(Engine, self), skip_completed=code >= 2)
+
+    def _agree_on_stop(self, _: Any = None) -> None:
+        """``EPOCH_STARTED``: the requests of every process, combined (one all-reduce and one read per epoch)."""
+        if idist.get_world_size() == 1:
+            return
+        code = 2.0 if self._stop_request == "skip_completed" else 1.0 if self._stop_request else 0.0
+        agreed = float(all_reduce(torch.tensor([code], device=idist.device()), op="MAX").item())
+        if agreed:
+            self._stop(agreed)
+
+
+class _SwAVEngine(_AgreedStop, Engine):
+    """The trainer of :func:`create_swav_trainer`: Ignite's ``Engine`` with a ``terminate()`` agreed by every
+    process."""
+
+
+class _ResumableDeterministicEngine(_AgreedStop, DeterministicEngine):
     """Ignite's ``DeterministicEngine`` (each epoch reseeded from a run seed, the data order reproducible), made to
     resume exactly and to load with ``torch.load(weights_only=True)``.
 
@@ -312,12 +351,12 @@ def create_swav_trainer(
     autocast_dtype = resolve_autocast_dtype(amp_mode, amp_dtype, device_type)
     grad_scaler: torch.amp.GradScaler | None = None
     if scaler is True or isinstance(scaler, torch.amp.GradScaler):
-        if device_type != "cuda" or autocast_dtype != torch.float16:
+        if autocast_dtype != torch.float16:
             raise ValueError(
-                f"scaler is for float16 autocast on CUDA (amp_mode='amp', device='cuda'); got device type "
-                f"'{device_type}' and autocast dtype {autocast_dtype}"
+                f"scaler is for float16 autocast (amp_mode='amp', amp_dtype=torch.float16; the default on CUDA); got "
+                f"autocast dtype {autocast_dtype} on device type '{device_type}'"
             )
-        grad_scaler = scaler if isinstance(scaler, torch.amp.GradScaler) else torch.amp.GradScaler("cuda")
+        grad_scaler = scaler if isinstance(scaler, torch.amp.GradScaler) else torch.amp.GradScaler(device_type)
     elif scaler is not False:
         raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
     forward: Callable[..., Any]
@@ -346,12 +385,40 @@ def create_swav_trainer(
         autocast_dtype=autocast_dtype,
         scaler=grad_scaler,
     )
-    trainer = _ResumableDeterministicEngine(update) if deterministic else Engine(update)
-    trainer.register_events(*SwAVEvents)
-    _attach_queue_events(trainer, loss_fn)
+    trainer: _AgreedStop = _ResumableDeterministicEngine(update) if deterministic else _SwAVEngine(update)
+    engine = cast(Engine, trainer)
+    # first on their events: a stop is agreed before the epoch's handlers run, and the last step's verdict is read
+    # before any handler (a checkpoint) of the epoch's or the run's end looks at the model
+    engine.add_event_handler(Events.STARTED, _check_epoch_length)
+    engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
+    attach_verdict_reads(engine, update)
+    engine.register_events(*SwAVEvents)
+    _attach_queue_events(engine, loss_fn)
     if grad_scaler is not None:
-        trainer.state.scaler = grad_scaler  # type: ignore[attr-defined]  # as Ignite does, for checkpoints
-    return trainer
+        engine.state.scaler = grad_scaler  # type: ignore[attr-defined]  # as Ignite does, for checkpoints
+    return engine
+
+
+def _check_epoch_length(engine: Engine) -> None:
+    """``STARTED``: refuse, on every process, epochs of other lengths (a process that ran out of batches first
+    would leave the others waiting in the next collective)."""
+    if idist.get_world_size() > 1:
+        check_same_on_every_rank(
+            "epoch length",
+            [engine.state.epoch_length or 0],
+            "every process must run the same number of iterations per epoch: give each its shard through "
+            "idist.auto_dataloader or a DistributedSampler (drop_last=True), or pass the same epoch_length to run()",
+        )
+
+
+def attach_verdict_reads(engine: Engine, update: Callable[[Engine, Any], Any]) -> None:
+    """Read the last deferred verdict of ``update`` (a :func:`swav_training_step`) at the end of every epoch and of
+    the run, so that a refused last step raises there at the latest (once per engine)."""
+    settle = getattr(update, "settle", None)
+    if settle is None or engine.has_event_handler(settle, Events.EPOCH_COMPLETED):
+        return
+    for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
+        engine.add_event_handler(event, settle)
 
 
 def _attach_queue_events(trainer: Engine, loss_fn: SwAVLoss) -> None:
@@ -431,8 +498,9 @@ def swav_training_step(
     freeze_prototypes_iters = check_int("freeze_prototypes_iters", freeze_prototypes_iters, 0)
     if augment is not None and not callable(augment):
         raise TypeError(f"augment must be callable (images -> list of crop batches), got {type(augment).__name__}")
-    if prepare_batch is None:
-        prepare_batch = prepare_multicrop_batch if augment is None else prepare_image_batch
+    prepare: Callable[..., tuple[Any, Any]] = prepare_batch or (
+        prepare_multicrop_batch if augment is None else prepare_image_batch
+    )
     device_type = device_type_of(device)
     if prototypes is None:
         prototypes = _find_prototypes(model)
@@ -443,17 +511,34 @@ def swav_training_step(
             )
     prototype_layer = prototypes
     prototype_weight = _prototype_weight(prototype_layer)
+    if autocast_dtype == torch.float16 and scaler is None:
+        raise ValueError(
+            "float16 autocast needs a GradScaler: without loss scaling float16 gradients underflow to zero and the "
+            "step fails without a word; pass scaler=True (create_swav_trainer) or a torch.amp.GradScaler, or use "
+            "amp_dtype=torch.bfloat16"
+        )
+    guard = StateGuard(model, extra=[prototype_weight])
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): name for name, p in model.named_parameters()}
+    verdicts = _Verdicts(loss_fn, guard, [names.get(id(p), "?") for p in parameters])
+    window: dict[str, Tensor] = {}
+    engines_read: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def update(engine: Engine, batch: Any) -> Any:
+        if engine not in engines_read:  # an Engine of the user's own: the last verdict is read at its ends too
+            engines_read.add(engine)
+            attach_verdict_reads(engine, update)
         iteration = engine.state.iteration
-        if (iteration - 1) % accumulation == 0:
+        opens, closes = (iteration - 1) % accumulation == 0, iteration % accumulation == 0
+        if opens:
             optimizer.zero_grad(set_to_none=True)
         model.train()
-        x, y = prepare_batch(batch, device=device, non_blocking=non_blocking)
+        x, y = prepare(batch, device=device, non_blocking=non_blocking)
         crops = x
         if augment is not None:
             with torch.no_grad():
                 crops = augment(x)
+        guard.save()  # a refused step puts back what the forward pass changes in place
         with torch.no_grad():
             prototype_weight.copy_(F.normalize(prototype_weight, dim=1))
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -465,21 +550,163 @@ def swav_training_step(
             scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        # The step's one wait for the device, once the backward pass is queued: checked inside the loss, it
-        # held the GPU idle while the loss's backward was being launched.
-        loss_fn.raise_if_non_finite()
-        if iteration % accumulation == 0:
+        # The step's verdict, on the device: the loss's checks, the gradients' (GradScaler checks its own) and a stop
+        # asked for by one process, combined over the processes where they meet anyway, after the backward pass.
+        step = verdicts.decide(engine, loss_fn, None if scaler is not None else parameters)
+        verdicts.settle_previous(engine)  # the previous step's, read now that this step's work is queued
+        refused = step.refused
+        window["refused"] = refused if opens else window["refused"] | refused
+        step.commit()
+        if closes:
             if iteration <= freeze_prototypes_iters:
                 for parameter in prototype_layer.parameters():
                     parameter.grad = None
             if scaler is not None:
+                _fill_momentum_buffers(optimizer)
+                _poison_gradients_where(window["refused"], parameters)  # GradScaler then skips the update itself
                 scaler.step(optimizer)
                 scaler.update()
-            else:
+                verdicts.defer(step)
+            elif _skips_on_device(optimizer):
+                optimizer.found_inf = window["refused"].float()  # type: ignore[attr-defined]  # as GradScaler passes it
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.found_inf  # type: ignore[attr-defined]
+                verdicts.defer(step)
+            else:  # an optimizer that cannot skip on the device: the verdict is read now (the step's one wait)
+                verdicts.settle(engine, step)
                 optimizer.step()
+        else:
+            verdicts.defer(step)
         return output_transform(crops if augment is not None else x, y, y_pred, loss)
 
+    update.settle = verdicts.settle_previous  # type: ignore[attr-defined]  # for the engine's epoch and run ends
     return update
+
+
+def _skips_on_device(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step()`` skips its update when given a ``found_inf`` flag, as torch's fused SGD, Adam and
+    AdamW do for GradScaler (no host synchronisation), and can do so now."""
+    fused = isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+    return fused and _fill_momentum_buffers(optimizer)
+
+
+def _fill_momentum_buffers(optimizer: Optimizer) -> bool:
+    """Before a fused SGD's first step that may be skipped: zero momentum buffers (torch creates them uninitialised
+    in that step, and a skipped step leaves them so). With dampening 0 a zero buffer gives exactly the first
+    step's update; returns False when that does not hold (dampening), so that the step is decided on the host."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return True
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0 or not group.get("fused"):
+            continue
+        missing = [p for p in group["params"] if optimizer.state.get(p, {}).get("momentum_buffer") is None]
+        if missing and group["dampening"] != 0:
+            return False
+        for parameter in missing:
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    return True
+
+
+@torch.no_grad()
+def _poison_gradients_where(refused: Tensor, parameters: list[nn.Parameter]) -> None:
+    """Make the smallest gradient infinite where ``refused`` (on the device), so that GradScaler skips the step."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        smallest = min(grads, key=lambda g: g.numel())
+        smallest.add_(torch.where(refused, float("inf"), 0.0).to(smallest.dtype))
+
+
+class _Step:
+    """One step's verdict: its flags over all processes (the loss's checks, the gradients', a stop request), the
+    loss's pending push, and this process's per-parameter gradient flags (for the message)."""
+
+    def __init__(self, flags: Tensor, pending: Any, gradient_flags: Tensor | None, loss_fn: SwAVLoss) -> None:
+        self.flags, self.pending, self.gradient_flags, self.loss_fn = flags, pending, gradient_flags, loss_fn
+        self.refused = flags[:_STOP].any()
+        self.counted = 0
+
+    def commit(self) -> None:
+        """Push the loss's embeddings into the queue where the step is accepted (decided on the device)."""
+        self.counted = self.loss_fn._commit(self.pending, self.refused.logical_not())
+
+
+_STOP = -1  # the flags' last entry: 0, or a stop asked for by a process (1; 2 with skip_completed)
+
+
+class _Verdicts:
+    """The training step's verdicts: decided on the device, read on the host at once (an optimizer that cannot skip
+    its update on the device) or one step later, or at the end of the epoch or run at the latest."""
+
+    def __init__(self, loss_fn: SwAVLoss, guard: StateGuard, names: list[str]) -> None:
+        self.loss_fn, self.guard, self.names = loss_fn, guard, names
+        self._pending: tuple[_Step, HostCopy] | None = None
+        self._constants: dict[torch.device, Tensor] = {}
+
+    def decide(self, engine: Engine, loss_fn: SwAVLoss, parameters: list[nn.Parameter] | None) -> _Step:
+        pending = loss_fn._take_pending()
+        assert pending is not None, "the step called its loss with check_finite=False just before"
+        device = pending.flags.device
+        if device not in self._constants:
+            self._constants[device] = torch.tensor([0.0, 1.0, 2.0], device=device)
+        gradient_flags = nonfinite_gradients(parameters) if parameters is not None else None
+        bad_gradients = (
+            gradient_flags.any().float().to(device).view(1)
+            if gradient_flags is not None and gradient_flags.numel()
+            else self._constants[device][:1]
+        )
+        request = getattr(engine, "_stop_request", False)
+        code = 2 if request == "skip_completed" else 1 if request else 0
+        stop = self._constants[device][code : code + 1]
+        flags = torch.cat([pending.flags, bad_gradients, stop])
+        if idist.get_world_size() > 1:
+            flags = all_reduce(flags, op="MAX")
+        step = _Step(flags, pending, gradient_flags, loss_fn)
+        self.guard.restore_where(step.refused)
+        return step
+
+    def defer(self, step: _Step) -> None:
+        self._pending = (step, HostCopy(step.flags))
+        last = self.loss_fn.last_step
+        if last is not None:
+            self.loss_fn.last_step = last._replace(accepted=step.refused.logical_not())
+
+    def settle_previous(self, engine: Engine) -> None:
+        """Read the deferred verdict (if any): raise its error, or stop the run on every process if asked."""
+        if self._pending is not None:
+            step, host = self._pending
+            self._pending = None
+            self._act(engine, step, host.values())
+
+    def settle(self, engine: Engine, step: _Step) -> None:
+        """Read this step's verdict now (a wait for the device)."""
+        self._pending = None
+        last = self.loss_fn.last_step
+        if last is not None:
+            self.loss_fn.last_step = last._replace(accepted=step.refused.logical_not())
+        self._act(engine, step, [float(v) for v in step.flags.tolist()])
+
+    def _act(self, engine: Engine, step: _Step, values: list[float]) -> None:
+        if any(values[:_STOP]):
+            self.guard.restore()  # a step under way when an earlier one is found bad: it changes nothing either
+            if any(values[:4]):  # the loss's own checks: its message names the crop (a collective: every rank is here)
+                self.loss_fn._refuse(step.pending, step.counted)
+            raise ValueError(self._gradient_message(step))
+        if values[_STOP] and isinstance(engine, _AgreedStop):
+            engine._stop(values[_STOP])
+
+    def _gradient_message(self, step: _Step) -> str:
+        flags = step.gradient_flags
+        bad = [n for n, f in zip(self.names, flags.tolist() if flags is not None else []) if f]
+        where = f"in {', '.join(bad[:3])}{' and others' if len(bad) > 3 else ''}" if bad else "on another process"
+        return (
+            f"non-finite gradients (NaN or inf) {where}: the step was refused before the optimizer changed any weight "
+            "(the model's output was finite); lower the learning rate, clip the gradients, or train without "
+            "autocast (bfloat16's range is float32's but its precision is 3 digits)"
+        )
 
 
 def _embeddings_and_scores(y_pred: Any) -> tuple[list[Tensor], list[Tensor]]:

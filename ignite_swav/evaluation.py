@@ -16,7 +16,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank
+from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank, values_by_rank
 from ignite_swav._validation import check_int, check_positive_float, device_type_of, resolve_autocast_dtype
 from ignite_swav._wrappers import evaluating
 
@@ -51,10 +51,16 @@ def _extract(
         images, targets = prepare_batch(batch, device=device, non_blocking=non_blocking)
         features.append(_features(backbone, images, model_transform, device_type, autocast_dtype))
         labels.append(targets.to(features[-1].device))
-    if not features:
-        raise ValueError("the loader gave no batch: features need at least one labelled image")
     real = real_rows_of_rank(loader)  # without the repeated samples a padded DistributedSampler adds
-    local_features, local_labels = torch.cat(features)[:real], torch.cat(labels).long()[:real]
+    # a rank whose shard is empty (or all padding) still takes part: the width comes from the others
+    width = features[0].shape[1] if features else 0
+    counts = values_by_rank([sum(len(f) for f in features) if real is None else real, width])
+    if sum(c[0] for c in counts) == 0:
+        raise ValueError("the loader gave no batch (on any process): features need at least one labelled image")
+    width = max(c[1] for c in counts)
+    device = features[0].device if features else torch.device(device or "cpu")
+    local_features = torch.cat(features)[:real] if features else torch.zeros(0, width, device=device)
+    local_labels = torch.cat(labels).long()[:real] if labels else torch.zeros(0, dtype=torch.long, device=device)
     return gather_rows(local_features), gather_rows(local_labels)
 
 
@@ -104,8 +110,9 @@ def recalibrate_batchnorm(
     Multi-crop training leaves running statistics of augmented crops; re-estimating them on the images that
     are evaluated ("precise BN") is an alternative evaluation protocol: report which one you use, and use the
     same for every network you compare. The statistics are the average over all batches
-    (``torch.optim.swa_utils.update_bn``), then over ranks. The backbone itself is not changed. Without batch
-    norm layers, the backbone is returned as it is.
+    (``torch.optim.swa_utils.update_bn``) of every rank, as one process gets with the whole loader (ranks with
+    more batches weigh more). The backbone itself is not changed. Without batch norm layers, the backbone is
+    returned as it is.
 
     Example:
         >>> import torch
@@ -119,13 +126,23 @@ def recalibrate_batchnorm(
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
         return backbone
     copy = deepcopy(backbone)
-    update_bn((prepare_batch(batch, device=device, non_blocking=non_blocking)[0] for batch in loader), copy)
-    world_size = idist.get_world_size()
-    for layer in copy.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-            assert layer.running_mean is not None and layer.running_var is not None  # track_running_stats
-            layer.running_mean.copy_(all_reduce(layer.running_mean.clone()) / world_size)
-            layer.running_var.copy_(all_reduce(layer.running_var.clone()) / world_size)
+    seen = [0]
+
+    def images() -> Iterable[Any]:
+        for batch in loader:
+            seen[0] += 1
+            yield prepare_batch(batch, device=device, non_blocking=non_blocking)[0]
+
+    update_bn(images(), copy)  # each statistic: the average over this rank's batches
+    if idist.get_world_size() > 1:
+        # over the ranks, weighted by their numbers of batches: the average over all batches, as on one process
+        # with the whole loader; a rank with no batch weighs nothing
+        total = sum(row[0] for row in values_by_rank([seen[0]]))
+        for layer in copy.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+                assert layer.running_mean is not None and layer.running_var is not None  # track_running_stats
+                for statistic in (layer.running_mean, layer.running_var):
+                    statistic.copy_(all_reduce(statistic * seen[0]) / max(total, 1))
     return copy.eval()
 
 

@@ -16,7 +16,7 @@ from ignite.base import Serializable
 from ignite.engine import Engine, Events
 from torch import Tensor
 
-from ignite_swav._distributed import all_reduce
+from ignite_swav._distributed import all_reduce, values_by_rank
 from ignite_swav._validation import check_int
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
@@ -264,39 +264,51 @@ class SwAVHealthMonitor(Serializable):
             self._used = torch.zeros(codes.shape[-1], dtype=torch.float32, device=codes.device)
             self._sums = torch.zeros(2, dtype=torch.float32, device=codes.device)
         assert self._sums is not None
-        self._used.index_fill_(0, scores.argmax(dim=-1).flatten(), 1.0)
         entropy_and_loss = torch.stack([torch.special.entr(codes).sum(), step.loss.float()])
-        self._sums.add_(entropy_and_loss)
+        if step.accepted is None:
+            self._used.index_fill_(0, scores.argmax(dim=-1).flatten(), 1.0)
+            self._sums.add_(entropy_and_loss)
+        else:  # a step the trainer refused (decided on the device) adds nothing
+            used = self._used.index_fill(0, scores.argmax(dim=-1).flatten(), 1.0)
+            self._used.copy_(torch.where(step.accepted, used, self._used))
+            self._sums.add_(torch.where(step.accepted, entropy_and_loss, 0.0))
         self._rows += codes.shape[0] * codes.shape[1]
         self._steps += 1
         self._queue_used = self._queue_used or self.loss_fn.use_queue
 
     def compute(self) -> dict[str, float]:
-        """The epoch's three metrics over all ranks (a collective: call it on every rank); NaN before any step."""
-        if self._used is None or self._sums is None or self._steps == 0:
+        """The epoch's three metrics over all ranks (a collective: call it on every rank, also on a rank that saw
+        no step); NaN when no rank saw a step."""
+        # the counts first: a rank without a step does not know K, and must still take part
+        counts = values_by_rank([self._steps, self._rows, 0 if self._used is None else self._used.shape[0]])
+        steps, rows = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        num_prototypes = max(c[2] for c in counts)
+        if steps == 0 or num_prototypes == 0:
             return dict.fromkeys(METRIC_NAMES, math.nan)
-        used = all_reduce(self._used.clone(), op="MAX")
-        sums = all_reduce(self._sums.clone(), op="SUM")
-        world_size = idist.get_world_size()
-        log_k = math.log(used.shape[0]) if used.shape[0] > 1 else 1.0
+        device = self._used.device if self._used is not None else idist.device()
+        used = self._used if self._used is not None else torch.zeros(num_prototypes, device=device)
+        sums = self._sums if self._sums is not None else torch.zeros(2, device=device)
+        if idist.get_world_size() > 1:
+            used, sums = all_reduce(used.clone(), op="MAX"), all_reduce(sums.clone(), op="SUM")
+        log_k = math.log(num_prototypes) if num_prototypes > 1 else 1.0
         values = torch.cat([used.mean().unsqueeze(0), sums]).tolist()
         return {
             "prototype_usage": values[0],
-            "code_entropy": values[1] / (self._rows * world_size) / log_k,
-            "loss_over_lnk": values[2] / (self._steps * world_size) / log_k,
+            "code_entropy": values[1] / rows / log_k,
+            "loss_over_lnk": values[2] / steps / log_k,
         }
 
     def completed(self, engine: Engine) -> None:
         """``EPOCH_COMPLETED``: put the metrics into ``engine.state.metrics``; fire ``COLLAPSE_SUSPECTED`` and warn
-        when :func:`diagnose` suspects collapse."""
-        if self._steps == 0:
+        when :func:`diagnose` suspects collapse. Every rank takes part, also one that saw no step of the epoch."""
+        metrics = self.compute()
+        if math.isnan(metrics["prototype_usage"]):
             self.logger.warning(
                 "SwAVHealthMonitor saw no call of its SwAVLoss in epoch %d: attach it to the trainer that calls "
                 "that loss",
                 engine.state.epoch,
             )
             return
-        metrics = self.compute()
         engine.state.metrics.update(metrics)
         self.history.append({"epoch": engine.state.epoch, **metrics, "queue_used": self._queue_used, "alarm": False})
         report = diagnose(

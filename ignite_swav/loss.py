@@ -44,6 +44,9 @@ class SwAVLossStep(NamedTuple):
     loss: Tensor  #: the scalar loss
     codes: Tensor  #: ``(len(crops_for_assign), B, K)`` Sinkhorn codes of the assigned crops
     scores: Tensor  #: ``(len(crops_for_assign), B, K)`` prototype scores of the assigned crops
+    #: a device boolean, false when the training step refused this call's values (set by the training step once it
+    #: has decided; ``None`` when nobody decided)
+    accepted: Tensor | None = None
 
 
 def _one_crop_at_a_time(crop_scores: Tensor) -> bool:
@@ -57,6 +60,18 @@ def _largest_magnitude(values: Tensor) -> Tensor:
     """``values.abs().amax()`` in float32, without writing ``abs``'s copy of ``values`` (3x faster on the CPU)."""
     low, high = torch.aminmax(values)
     return torch.maximum(high, low.neg()).float()
+
+
+class _PendingStep(NamedTuple):
+    """A call's checks of this rank (float 0/1 on the device: non-finite loss, embeddings not unit, scores beyond
+    the cosine range, prototypes not unit while they score the queue), what its error message reads, and the push
+    into the queue it waits for."""
+
+    flags: Tensor
+    all_scores: Tensor
+    pushed_embeddings: Tensor
+    prototypes: Tensor | None
+    queue: Tensor | None
 
 
 class SwAVLoss(nn.Module):
@@ -75,17 +90,20 @@ class SwAVLoss(nn.Module):
     is known; it returns the new queue). In a step, the queue is read before the current batch's assigned
     embeddings are pushed into it (newest rows first), so a batch is never in its own queue. The queue is
     used once full, i.e. once its last row was written (rows are unit vectors, so a zero row was never
-    written): how full it is, is read from the tensor once when a new tensor is assigned to ``queue`` and
-    counted on the host afterwards, so that a step never waits for the device to know it.
+    written): how full it is, is read from the tensor once when a new tensor is assigned to ``queue`` (on
+    every rank: the queue is used once every rank's is full, at the same step everywhere) and counted on the host
+    afterwards, so that a step never waits for the device to know it.
 
     Inputs are SwAV's: unit-norm embeddings and prototypes, so that scores are cosine similarities. Scores
     beyond ``[-1, 1]`` (by more than autocast's rounding), assigned embeddings that are not unit vectors
     (a head without L2 normalisation), prototypes that are not unit rows while the queue is used, and
     non-finite values raise a ``ValueError`` naming the crop and the fix, on every rank at once; they are
     never pushed into the queue. Finding them needs the device's answer, a host synchronisation that stalls
-    a GPU in the middle of the step; ``create_swav_trainer`` therefore calls the loss with
-    ``check_finite=False`` and calls :meth:`raise_if_non_finite` after backward, before the optimizer step.
-    The push is conditional on the device, so the queue is never written with a bad row either way.
+    a GPU in the middle of the step; with ``check_finite=False`` the call leaves the checks and the push pending
+    until :meth:`raise_if_non_finite` (or the next call), so that a loop can call it after backward, before the
+    optimizer step. :func:`~ignite_swav.create_swav_trainer` decides the step on the device instead, with the
+    gradients' check, and reads the verdict later. The push is conditional on the device, so the queue is never
+    written with a bad row either way.
 
     Args:
         crops_for_assign: indices of the crops whose codes are computed (SwAV: the two large crops).
@@ -121,7 +139,8 @@ class SwAVLoss(nn.Module):
         # chosen once from the bound on cosine scores: no step reads the scores' range from the device
         self._sinkhorn_method = sinkhorn_method(2 * _MAX_ABS_SCORE / self.epsilon)
         self._queue: Tensor | None = None
-        self._queue_rows_written: int | None = None  # None: not known yet, read from the tensor at its first use
+        # rows still to write before the queue of every rank is full (host count; None: read at its first use)
+        self._rows_missing: int | None = None
         self.use_queue = False
         #: called by the loss with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due
         #: but its shape is not known yet; returns the queue (or ``None``). Set by ``SwAVQueueHandler``.
@@ -132,8 +151,8 @@ class SwAVLoss(nn.Module):
         self.last_batch_shape: tuple[int, int] | None = None
         #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call
         self.last_step: SwAVLossStep | None = None
-        self._pending_check: tuple[Tensor, Tensor, Tensor, Tensor | None, int] | None = None
-        self._workspace_tensor: Tensor | None = None
+        self._pending: _PendingStep | None = None
+        self._workspace_tensors: tuple[Tensor, Tensor | None] | None = None
         self._constants_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -145,7 +164,7 @@ class SwAVLoss(nn.Module):
     def queue(self, value: Tensor | None) -> None:
         if value is not self._queue:
             self._queue = value
-            self._queue_rows_written = None
+            self._rows_missing = None
 
     def extra_repr(self) -> str:
         return (
@@ -162,8 +181,8 @@ class SwAVLoss(nn.Module):
             scores: one ``(B, K)`` tensor of prototype scores per crop.
             embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop, in the same order.
             prototypes: ``(K, D)`` prototype weight (L2-normalised rows).
-            check_finite: raise here on bad values. ``False`` leaves the check to a later
-                :meth:`raise_if_non_finite` (at the latest, the next call does it), so that the device is not
+            check_finite: raise here on bad values. ``False`` leaves the check and the push into the queue to a
+                later :meth:`raise_if_non_finite` (at the latest, the next call does it), so that the device is not
                 waited for in the middle of the step; the queue is still pushed only when all is valid.
 
         Returns:
@@ -194,43 +213,62 @@ class SwAVLoss(nn.Module):
         assigned_scores = all_scores.index_select(0, assigned)
 
         # The Sinkhorn's rows: the assigned crops' scores, then the queue's scores under the current prototypes,
-        # read before this step's push, computed straight into the workspace.
+        # read before this step's push.
         checked_prototypes = None
-        queue_length = 0
         if queue is not None and self._queue_is_full(queue):
             self.use_queue = True
             checked_prototypes = prototypes.detach()
-            queue_length = queue.shape[1]
-        rows = self._workspace(num_assigned, batch_size + queue_length, scores[0].shape[1], all_scores.device)
-        rows[:, :batch_size] = assigned_scores
-        if checked_prototypes is not None and queue is not None:
-            dtype = rows.dtype
-            transposed = checked_prototypes.to(dtype).t().expand(num_assigned, -1, -1)
-            torch.bmm(queue.to(dtype), transposed, out=rows[:, batch_size:])
-        codes = codes_from_rows(rows, batch_size, self.sinkhorn_iterations, self.epsilon, self._sinkhorn_method)
+        rows, scratch = self._sinkhorn_rows(
+            assigned_scores, queue if checked_prototypes is not None else None, prototypes
+        )
+        codes = codes_from_rows(
+            rows, batch_size, self.sinkhorn_iterations, self.epsilon, self._sinkhorn_method, scratch
+        )
         weighted = self._weighted_log_probs(stacked_scores, scores, codes, assigned)
         loss = weighted.div(-(batch_size * (num_crops - 1) * num_assigned))
 
-        # Every check in one small tensor, for every rank at once, before anything is pushed into the queue; the
-        # crops are looked at only when something is wrong. NaN compares false, so it fails every check.
+        # Every check in one small tensor of this rank, compared on the device; the crops are looked at only when
+        # something is wrong. NaN compares false, so it fails every check.
         loss_value = loss.detach()
         pushed_embeddings = torch.stack([embeddings[c] for c in self.crops_for_assign]).detach()
+        unit_prototypes = (
+            torch.linalg.vector_norm(checked_prototypes.float(), dim=1).sub_(1).abs_().amax()
+            if checked_prototypes is not None  # the prototypes score the queue: they must be unit rows too
+            else limits[3]
+        )
         measured = [
             loss_value * 0,  # NaN for a non-finite loss
             torch.linalg.vector_norm(pushed_embeddings.float(), dim=2).sub_(1).abs_().amax(),
             _largest_magnitude(all_scores),
+            unit_prototypes,
         ]
-        if checked_prototypes is not None:  # the prototypes score the queue: they must be unit rows too
-            measured.append(torch.linalg.vector_norm(checked_prototypes.float(), dim=1).sub_(1).abs_().amax())
-        flags = torch.stack(measured).le(limits[: len(measured)]).logical_not_()
-        if idist.get_world_size() > 1:
-            flags = any_flag_on_any_rank(flags.float())
-        counted = self._push(queue, pushed_embeddings, flags.any().logical_not()) if queue is not None else 0
+        flags = torch.stack(measured).le(limits).logical_not_().float()
         self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
-        self._pending_check = (flags, all_scores, pushed_embeddings, checked_prototypes, counted)
+        self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue)
         if check_finite:
             self.raise_if_non_finite()
         return loss
+
+    def _sinkhorn_rows(self, assigned_scores: Tensor, queue: Tensor | None, prototypes: Tensor) -> tuple[Tensor, Any]:
+        """The Sinkhorn's ``(crops, batch + queue, K)`` rows in the method's dtype (the queue's scores under the
+        current prototypes after the batch's), and the stabilised method's scratch matrix (or ``None``)."""
+        dtype = self._sinkhorn_method[1]
+        if torch.compiler.is_compiling():
+            # a compiled graph allocates and fuses its own buffers (an out= into a slice would break the graph)
+            blocks = [assigned_scores.to(dtype)]
+            if queue is not None:
+                transposed = prototypes.detach().to(dtype).t().expand(len(self.crops_for_assign), -1, -1)
+                blocks.append(torch.bmm(queue.to(dtype), transposed))
+            return torch.cat(blocks, dim=1), None
+        batch_size = assigned_scores.shape[1]
+        length = 0 if queue is None else queue.shape[1]
+        shape = (assigned_scores.shape[0], batch_size + length, assigned_scores.shape[2])
+        rows, scratch = self._workspace(shape, assigned_scores.device)
+        rows[:, :batch_size] = assigned_scores
+        if queue is not None:
+            transposed = prototypes.detach().to(dtype).t().expand(len(self.crops_for_assign), -1, -1)
+            torch.bmm(queue.to(dtype), transposed, out=rows[:, batch_size:])
+        return rows, scratch
 
     def _weighted_log_probs(
         self, stacked_scores: Tensor, scores: Sequence[Tensor], codes: Tensor, assigned: Tensor
@@ -256,20 +294,39 @@ class SwAVLoss(nn.Module):
         return torch.stack(terms).sum()
 
     def raise_if_non_finite(self) -> None:
-        """Raise the ``ValueError`` of the last call if its values were bad on any rank: not finite, scores
-        beyond ``[-1, 1]``, embeddings that are not unit vectors (or prototypes, while the queue is used).
+        """Finish the step of the last call made with ``check_finite=False``: combine its checks over all ranks,
+        push its assigned embeddings into the queue if every check passed on every rank, and raise the
+        ``ValueError`` of a bad value otherwise (not finite, scores beyond ``[-1, 1]``, embeddings that are not
+        unit vectors, or prototypes while the queue is used).
 
         Waits for the device. Every rank must call it at the same point, as with any collective. Nothing to do
         after a call with ``check_finite=True``, which checked already.
         """
-        if self._pending_check is None:
+        pending = self._take_pending()
+        if pending is None:
             return
-        flags, all_scores, pushed_embeddings, prototypes, counted = self._pending_check
-        self._pending_check = None
+        flags = any_flag_on_any_rank(pending.flags) if idist.get_world_size() > 1 else pending.flags
+        counted = self._commit(pending, flags.any().logical_not())
         if bool(flags.any()):
-            if self._queue_rows_written is not None:
-                self._queue_rows_written -= counted  # the push was skipped on the device: uncount its rows
-            self._raise_bad_values(all_scores, pushed_embeddings, prototypes)
+            self._refuse(pending, counted)
+
+    def _take_pending(self) -> _PendingStep | None:
+        """The step of the last call, not pushed into the queue yet (``None`` when there is none); a training step
+        takes it to decide its fate together with the gradients' (:func:`~ignite_swav.swav_training_step`)."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _commit(self, pending: _PendingStep, valid: Tensor) -> int:
+        """Push the pending step's embeddings into its queue where ``valid`` (a device boolean: nothing is read);
+        returns how many rows were counted as written on the host."""
+        return 0 if pending.queue is None else self._push(pending.queue, pending.pushed_embeddings, valid)
+
+    def _refuse(self, pending: _PendingStep, counted: int) -> None:
+        """Uncount the rows a refused step's push counted (it was skipped on the device) and raise its error. A
+        collective: every rank calls it together, after reading the same verdict."""
+        if self._rows_missing is not None:
+            self._rows_missing += counted
+        self._raise_bad_values(pending.all_scores, pending.pushed_embeddings, pending.prototypes)
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The assigned crops' indices and the checks' limits on ``device``, made once (not at every step)."""
@@ -280,26 +337,31 @@ class SwAVLoss(nn.Module):
             )
         return self._constants_cache[device]
 
-    def _workspace(self, problems: int, rows: int, num_prototypes: int, device: torch.device) -> Tensor:
-        """The Sinkhorn's ``(problems, rows, prototypes)`` matrix, kept from one call to the next (its shape is
-        fixed within a run): allocating a new one at every step costs the CPU half the loss's time."""
-        shape = (problems, rows, num_prototypes)
+    def _workspace(self, shape: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The Sinkhorn's ``(problems, rows, prototypes)`` matrix (and the stabilised method's scratch matrix), kept
+        from one call to the next (their shape is fixed within a run): allocating new ones at every step costs the
+        CPU half the loss's time."""
         dtype = self._sinkhorn_method[1]
-        workspace = self._workspace_tensor
-        if workspace is None or workspace.shape != shape or workspace.device != device:
-            workspace = self._workspace_tensor = torch.empty(shape, dtype=dtype, device=device)
+        workspace = self._workspace_tensors
+        if workspace is None or workspace[0].shape != shape or workspace[0].device != device:
+            rows = torch.empty(shape, dtype=dtype, device=device)
+            scratch = torch.empty_like(rows) if self._sinkhorn_method[0] == "stabilised" else None
+            workspace = self._workspace_tensors = (rows, scratch)
         return workspace
 
     def _queue_is_full(self, queue: Tensor) -> bool:
         if self.use_queue:
             return True
-        if self._queue_rows_written is None:
-            # One read per queue tensor (a new run, a restored checkpoint): rows are written from the top, so
-            # the written rows are the leading non-zero ones.
+        if self._rows_missing is None:
+            # One read per queue tensor (a new run, a restored checkpoint), of every rank's fill: rows are written
+            # from the top, so the written rows are the leading non-zero ones. The queue comes into use when the
+            # emptiest rank's is full, at the same step on every rank (after a reshard their fills may differ).
             written = queue[0].ne(0).any(dim=1)
-            last_row_written, rows_written = torch.stack([written[-1], written.sum()]).tolist()
-            self._queue_rows_written = queue.shape[1] if last_row_written else rows_written
-        return self._queue_rows_written >= queue.shape[1]
+            missing = torch.where(written[-1], 0, queue.shape[1] - written.sum())
+            if idist.get_world_size() > 1:
+                missing = all_reduce(missing, op="MAX")
+            self._rows_missing = int(missing.item())
+        return self._rows_missing <= 0
 
     @torch.no_grad()
     def _push(self, queue: Tensor, embeddings: Tensor, valid: Tensor) -> int:
@@ -310,10 +372,10 @@ class SwAVLoss(nn.Module):
         pushed = min(embeddings.shape[1], length)
         updated = torch.cat([embeddings[:, :pushed].to(queue.dtype), queue[:, : length - pushed]], dim=1)
         queue.copy_(torch.where(valid, updated, queue))
-        if self._queue_rows_written is None:
+        if self._rows_missing is None:
             return 0
-        counted = min(length, self._queue_rows_written + pushed) - self._queue_rows_written
-        self._queue_rows_written += counted
+        counted = min(max(self._rows_missing, 0), pushed)
+        self._rows_missing -= counted
         return counted
 
     def _check_inputs(self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor) -> int:

@@ -15,10 +15,14 @@ from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
 from ignite_swav._distributed import all_reduce, broadcast
+from ignite_swav._state_checks import check_optimizer_state
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import unwrap_model
 
 __all__ = ["OnlineLinearProbe"]
+
+
+_IGNORED = -100  # cross-entropy's ignore_index for the labels the probe does not train on
 
 
 def _labels_of_batch(batch: Any) -> Any:
@@ -38,7 +42,9 @@ class OnlineLinearProbe(Serializable):
     step trains the classifier on them, L2-normalised, against ``label_fn(trainer)`` (by default the target of
     the trainer's ``(crops, target)`` batch) with cross-entropy and Adam. On several processes the classifier's
     gradients are averaged over the ranks, so every rank holds the same classifier. Nothing is read from the
-    device (the labels' range is checked once, in the first iteration).
+    device in a step: labels of -1 (unlabelled images, as STL-10 marks them) are not trained on, and any other
+    label outside ``0..num_classes-1`` is not trained on either and raises at the end of the epoch, on every rank
+    at once (:meth:`check_labels`).
 
     Its accuracy: :meth:`attach_metric` adds an ``Accuracy`` to an evaluator whose output is ``(features,
     labels)``, such as :func:`~ignite_swav.create_knn_evaluator`'s (the k-NN pass then scores the probe too), and
@@ -95,7 +101,7 @@ class OnlineLinearProbe(Serializable):
         self.optimizer: torch.optim.Optimizer | None = None
         self._features: Tensor | None = None
         self._armed = False
-        self._labels_checked = False
+        self._label_counts: Tensor | None = None  # this epoch's bad and known labels, counted on the device
         self._engine: Engine | None = None
 
     def attach(self, trainer: Engine) -> None:
@@ -108,6 +114,7 @@ class OnlineLinearProbe(Serializable):
         unwrap_model(self.backbone).register_forward_hook(self._keep_first_features)
         trainer.add_event_handler(Events.ITERATION_STARTED, self._arm)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self.train_step)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.check_labels)
 
     def _arm(self, _: Engine) -> None:
         self._armed, self._features = True, None
@@ -116,12 +123,12 @@ class OnlineLinearProbe(Serializable):
         if self._armed and isinstance(output, Tensor):
             self._armed, self._features = False, output.detach()
 
-    def _build(self, in_features: int, device: torch.device) -> None:
+    def _build(self, in_features: int, device: torch.device, same_start: bool = True) -> None:
         # Made in the first iteration: a draw from the global stream there would change every later crop and
         # batch order, so that attaching the probe would change what SwAV trains.
         with torch.random.fork_rng(devices=[]):
             self.classifier = nn.Linear(in_features, self.num_classes).to(device)
-        if idist.get_world_size() > 1:  # the same start on every rank
+        if same_start and idist.get_world_size() > 1:  # the same start on every rank (every rank builds it here)
             for parameter in self.classifier.parameters():
                 parameter.data.copy_(broadcast(parameter.data, src=0))
         self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -150,23 +157,27 @@ class OnlineLinearProbe(Serializable):
                 f"the backbone's first call gave {features.shape[0]} rows for a batch of {batch} labels: expected a "
                 "multiple (the first crops of the batch, concatenated)"
             )
-        labels = labels.to(features.device)
-        if not self._labels_checked:  # once: a label out of range would fail inside torch's cross-entropy
-            self._labels_checked = True
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"OnlineLinearProbe(num_classes={self.num_classes}) got labels from {low} to {high}: labels must "
-                    f"lie in 0..{self.num_classes - 1} (a data set without labels, such as STL-10's unlabeled split, "
-                    "marks them -1)"
-                )
         if self.classifier is None:
             self._build(features.shape[1], features.device)
         assert self.classifier is not None and self.optimizer is not None
+        if self.classifier.in_features != features.shape[1]:
+            raise ValueError(
+                f"the probe's classifier takes {self.classifier.in_features} features (a restored state?), the "
+                f"backbone gives {features.shape[1]}: it belongs to another backbone"
+            )
+        labels = labels.to(features.device)
+        # Checked on the device, never here: a label of -1 (STL-10's unlabelled images) is ignored; any other label
+        # outside 0..num_classes-1 is ignored too and reported at the end of the epoch, on every rank at once.
+        known = (labels >= 0) & (labels < self.num_classes)
+        # per epoch: [labels outside -1..num_classes-1, labels trained on]
+        counts = torch.stack([((labels < -1) | (labels >= self.num_classes)).sum(), known.sum()]).float()
+        self._label_counts = counts if self._label_counts is None else self._label_counts + counts
         with torch.enable_grad():
             self.classifier.train()
             logits = self.classifier(F.normalize(features[:batch].float(), dim=1))
-            loss = F.cross_entropy(logits, labels)
+            targets = torch.where(known, labels, _IGNORED)
+            losses = F.cross_entropy(logits, targets, ignore_index=_IGNORED, reduction="sum")
+            loss = losses / known.sum().clamp_min(1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if idist.get_world_size() > 1:
@@ -174,6 +185,29 @@ class OnlineLinearProbe(Serializable):
                 if parameter.grad is not None:
                     parameter.grad = all_reduce(parameter.grad) / idist.get_world_size()
         self.optimizer.step()
+
+    def check_labels(self, engine: Engine | None = None) -> None:
+        """``EPOCH_COMPLETED``: raise, on every rank at once, when a label outside ``-1..num_classes-1`` came in
+        the epoch on any rank (those were not trained on), or when no rank had a labelled image (one all-reduce
+        and one read per epoch)."""
+        counts, self._label_counts = self._label_counts, None
+        if counts is None:
+            counts = torch.zeros(2, device=idist.device())
+        if idist.get_world_size() > 1:
+            counts = all_reduce(counts, op="SUM")
+        out_of_range, known = counts.tolist()
+        epoch = engine.state.epoch if engine is not None else "?"
+        if out_of_range:
+            raise ValueError(
+                f"OnlineLinearProbe(num_classes={self.num_classes}) got {int(out_of_range)} label(s) outside "
+                f"0..{self.num_classes - 1} in epoch {epoch} (on this rank or another one): pass the data set's "
+                "number of classes; -1 marks an unlabelled image (as STL-10 does), which is not trained on"
+            )
+        if not known:
+            raise ValueError(
+                f"OnlineLinearProbe saw no labelled image in epoch {epoch} (every label was -1, unlabelled): attach "
+                "it only when the data set has labels"
+            )
 
     @torch.no_grad()
     def predict(self, features: Tensor) -> Tensor:
@@ -245,13 +279,19 @@ class OnlineLinearProbe(Serializable):
             raise ValueError(f"the probe's classifier state must hold 'weight' and a ({self.num_classes},) 'bias'")
         if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
             raise ValueError("the probe's classifier holds NaN or infinite values")
-        optimizer = state_dict["optimizer"]
-        if optimizer is not None and not (
-            isinstance(optimizer, Mapping) and {"state", "param_groups"} <= set(optimizer)
-        ):
+        if self.classifier is not None and weight.shape[1] != self.classifier.in_features:
             raise ValueError(
-                "the probe's optimizer state must be an optimizer state dict with 'state' and 'param_groups'"
+                f"the probe's state holds a classifier of {weight.shape[1]} features, this probe's backbone gives "
+                f"{self.classifier.in_features}: it belongs to another backbone"
             )
+        optimizer = state_dict["optimizer"]
+        if optimizer is not None:
+            # the optimizer of a classifier of the saved shape: the saved buffers must fit it
+            shaped = nn.Linear(weight.shape[1], self.num_classes, device="meta")
+            try:
+                check_optimizer_state("optimizer", torch.optim.Adam(shaped.parameters()), optimizer)
+            except ValueError as error:
+                raise ValueError(f"the probe's {str(error).removeprefix('checkpoint entry ')}") from None
 
     def load_state_dict(self, state_dict: Any) -> None:
         """Restore :meth:`state_dict` (the classifier is created with the saved width)."""
@@ -262,7 +302,7 @@ class OnlineLinearProbe(Serializable):
             return
         weight = classifier["weight"]
         device = next((p.device for p in self.backbone.parameters()), torch.device("cpu"))
-        self._build(weight.shape[1], device)
+        self._build(weight.shape[1], device, same_start=False)  # no collective in a load: the state sets it
         assert self.classifier is not None and self.optimizer is not None
         self.classifier.load_state_dict(classifier)
         if state_dict["optimizer"] is not None:

@@ -31,6 +31,14 @@ _FILE_PREFIX = "swav"
 _FILE_PATTERN = re.compile(rf"^{_FILE_PREFIX}_queue_(\d+)\.pt$")
 
 
+def _is_last_iteration(engine: Engine) -> bool:
+    """Whether the iteration that just completed ends its epoch or the run (a stop was decided, or max_iters)."""
+    state = engine.state
+    if state.epoch_length and state.iteration % state.epoch_length == 0:
+        return True
+    return bool(engine.should_terminate) or (state.max_iters is not None and state.iteration >= state.max_iters)
+
+
 class SwAVQueueHandler(Serializable):
     """Manages the queue of :class:`~ignite_swav.SwAVLoss` on every rank, as Ignite event handlers.
 
@@ -50,21 +58,24 @@ class SwAVQueueHandler(Serializable):
       at its next call, from that batch, before anything is pushed.
     - :meth:`on_iteration_completed` on ``Events.ITERATION_COMPLETED``: sets ``engine.state.queue_in_use``
       (for loggers); in the first iteration of a run, learns ``batch_size`` and ``feat_dim`` from the loss's
-      batch, or checks the given ones against it.
-    - :meth:`gather` on ``gather_event`` (default ``Events.EPOCH_COMPLETED``), on every rank: gathers the queues
-      of all ranks into one ``(crops, queue_length, feat_dim)`` tensor on the CPU, for :meth:`state_dict`.
+      batch, or checks the given ones against it; at the last iteration of every epoch and of the run (a stop
+      every process agreed on, ``max_iters``), gathers the queues of all ranks into one ``(crops, queue_length,
+      feat_dim)`` tensor on the CPU for :meth:`state_dict` (a collective, on every rank).
+    - :meth:`gather` also on ``gather_event`` when it is an iteration event (``Events.ITERATION_COMPLETED(every=
+      1000)``, for a ``Checkpoint`` in the middle of epochs).
     - :meth:`save_queue_file` on ``save_event`` when ``dirname`` is set: writes the queue of all ranks to one
       file through Ignite's ``Checkpoint`` and an atomic ``DiskSaver`` (rank 0 writes; the last 2 files are
       kept, so one is always complete).
 
-    :meth:`state_dict` returns the queue gathered at ``gather_event``: it runs no collective, so a ``Checkpoint``
-    holding the handler may be attached on every rank or, as is a common Ignite habit, on rank 0 only (it used
-    to hang there until the process group's timeout). Attach the handler before that ``Checkpoint``, on the
-    same event: handlers of one event run in the order of registration. On several processes, a
-    ``state_dict()`` after an iteration that followed the last gather raises at once, naming the fix. On one
-    process it is the queue as it is. :meth:`load_state_dict` reshards it onto the current world size, so a run
-    saved on 2 processes resumes on 1 or 4. Only tensors and numbers are stored, so
-    ``Checkpoint.load_objects`` (``weights_only=True``) loads it.
+    :meth:`state_dict` returns the queue as last gathered: it runs no collective, so a ``Checkpoint`` holding the
+    handler may be attached on every rank or, as is a common Ignite habit, on rank 0 only, on
+    ``EPOCH_COMPLETED``, ``COMPLETED`` or ``TERMINATE`` (a run ended by ``terminate()``, ``TimeLimit`` or
+    ``max_iters`` keeps its queue), attached before or after this handler. On several processes, a
+    ``state_dict()`` after an iteration that followed the last gather (a ``Checkpoint`` in the middle of an epoch
+    without ``gather_event``) raises at once, naming the fix. On one process it is the queue as it is.
+    :meth:`load_state_dict` reshards it onto the current world size, so a run saved on 2 processes resumes on 1
+    or 4; it runs no collective either. Only tensors and numbers are stored, so ``Checkpoint.load_objects``
+    (``weights_only=True``) loads it.
 
     Args:
         loss: the :class:`~ignite_swav.SwAVLoss` whose ``queue`` and ``use_queue`` this handler manages (one queue
@@ -78,8 +89,9 @@ class SwAVQueueHandler(Serializable):
         dirname: directory of the queue file; ``None`` to keep the queue only in the user's own ``Checkpoint``.
         save_event: when to write the queue file (an Ignite event, filters allowed:
             ``Events.EPOCH_COMPLETED(every=5)``); only with ``dirname``.
-        gather_event: when to gather the queue of all ranks for :meth:`state_dict`: the event of the
-            ``Checkpoint`` that holds this handler (filters allowed).
+        gather_event: an iteration event at which to gather the queue of all ranks for :meth:`state_dict` too
+            (filters allowed), for a ``Checkpoint`` in the middle of epochs; the ends of epochs and of the run are
+            always gathered (the default, ``Events.EPOCH_COMPLETED``, adds nothing to them).
 
     Example:
         >>> import torch
@@ -196,7 +208,10 @@ class SwAVQueueHandler(Serializable):
         engine.add_event_handler(Events.STARTED, self.on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.on_epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration_completed)
-        engine.add_event_handler(self.gather_event, self.gather)
+        if self.gather_event.name.startswith("ITERATION"):  # epoch and run ends are gathered at their last iteration
+            engine.add_event_handler(self.gather_event, self.gather)
+        for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
+            engine.add_event_handler(event, self._gather_if_stale)  # an epoch whose length was not known
         self._engines.append(weakref.ref(engine))
         if self.dirname is not None:
             engine.add_event_handler(self.save_event, self.save_queue_file)
@@ -234,13 +249,21 @@ class SwAVQueueHandler(Serializable):
         return any(ref() is engine for ref in self._engines)
 
     def on_iteration_completed(self, engine: Engine) -> None:
-        """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes."""
+        """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes; at
+        the last iteration of an epoch or of the run, gather the queue of every rank for :meth:`state_dict`."""
         self._gathered = None  # the queue may have changed
         engine.state.queue_in_use = bool(self.loss.use_queue)  # type: ignore[attr-defined]
-        if self._first_iteration_checked or self.loss.last_batch_shape is None:
-            return
-        self._first_iteration_checked = True
-        self._learn_or_check_shapes(*self.loss.last_batch_shape)
+        if not self._first_iteration_checked and self.loss.last_batch_shape is not None:
+            self._first_iteration_checked = True
+            self._learn_or_check_shapes(*self.loss.last_batch_shape)
+        if _is_last_iteration(engine):
+            # here rather than at EPOCH_COMPLETED or COMPLETED: a Checkpoint there then sees the gathered queue
+            # whatever the order in which the two were attached, and a run that stops mid-epoch keeps its queue
+            self.gather(engine)
+
+    def _gather_if_stale(self, engine: Engine) -> None:
+        if self._gathered is None:
+            self.gather(engine)
 
     def _learn_or_check_shapes(self, batch_size: int, feat_dim: int) -> None:
         if self.feat_dim is None:
@@ -329,8 +352,10 @@ class SwAVQueueHandler(Serializable):
             else:
                 raise RuntimeError(
                     "SwAVQueueHandler.state_dict() was called after an iteration that followed its last gather of "
-                    f"the queue of every process (at gather_event={self.gather_event}): checkpoint at that event, "
-                    "or pass SwAVQueueHandler(..., gather_event=<the event of your Checkpoint>)"
+                    "the queue of every process (at the last iteration of every epoch and of the run, and at "
+                    f"gather_event={self.gather_event}): to checkpoint in the middle of an epoch, pass "
+                    "SwAVQueueHandler(..., gather_event=<the event of your Checkpoint>) and attach the handler "
+                    "before that Checkpoint"
                 )
         return OrderedDict(
             version=_FORMAT_VERSION,
@@ -401,6 +426,8 @@ class SwAVQueueHandler(Serializable):
         if not isinstance(queue, Tensor) or queue.ndim != 3 or not queue.is_floating_point():
             shape = tuple(queue.shape) if isinstance(queue, Tensor) else type(queue).__name__
             raise ValueError(f"queue state holds a 'queue' of {shape}, expected a float tensor (crops, length, dim)")
+        if queue.requires_grad:
+            raise ValueError("the saved queue requires a gradient: a queue holds detached embeddings; it was refused")
         if queue.device.type == "meta":
             raise ValueError("the saved queue is on the 'meta' device, which holds no values: it was refused")
         # Before any value is touched: a tensor whose shape claims more values than its storage holds (a stride-0

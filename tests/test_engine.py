@@ -155,7 +155,11 @@ def test_prepare_batch_accepts_crops_or_a_crops_target_pair():
         ({"amp_mode": "amp", "device": "meta"}, ValueError, "device='meta' holds no values: train on 'cpu' or 'cuda'"),
         ({"amp_mode": "amp", "amp_dtype": torch.float64}, ValueError, "amp_dtype=torch.float64 cannot be used"),
         ({"amp_dtype": torch.bfloat16}, ValueError, "only used with amp_mode='amp'"),
-        ({"amp_mode": "amp", "scaler": True}, ValueError, "scaler is for float16 autocast on CUDA"),
+        (
+            {"amp_mode": "amp", "scaler": True},
+            ValueError,
+            "scaler is for float16 autocast .amp_mode=.amp., amp_dtype=torch.float16",
+        ),
         ({"scaler": 1}, TypeError, "scaler must be a bool or a torch.amp.GradScaler"),
     ],
 )

@@ -115,8 +115,21 @@ def test_a_data_set_without_labels_is_one_clear_error():
         trainer.run(crops_only, max_epochs=1)
     trainer, *_ = trainer_with_probe()
     unlabeled = [(crops, torch.full_like(labels, -1)) for crops, labels in labelled_crops(1)]  # STL-10's marks
-    with pytest.raises(ValueError, match=r"got labels from -1 to -1: labels must lie in 0..2"):
+    with pytest.raises(ValueError, match=r"saw no labelled image in epoch 1 \(every label was -1, unlabelled\)"):
         trainer.run(unlabeled, max_epochs=1)
+
+
+def test_unlabelled_images_are_not_trained_on_and_a_bad_label_in_any_batch_is_one_error_at_the_epochs_end():
+    trainer, *_, probe = trainer_with_probe()
+    data = labelled_crops(4)
+    data[1] = (data[1][0], torch.tensor([-1, -1, 0, 1]))  # STL-10's unlabelled images beside labelled ones
+    trainer.run(data, max_epochs=1)  # trains, says nothing
+    trained = probe.classifier.weight.detach().clone()
+    data[2] = (data[2][0], torch.tensor([0, 1, 7, 2]))  # a label beyond num_classes=3, in the third batch
+    with pytest.raises(ValueError, match=r"got 1 label\(s\) outside 0..2 in epoch 2 \(on this rank or another one\)"):
+        trainer.run(data, max_epochs=2)
+    assert trainer.state.iteration == 8  # not a device-side assert in the batch: the epoch ran, the label ignored
+    assert not torch.equal(trained, probe.classifier.weight)
 
 
 def test_bad_settings_and_uses_are_refused():
@@ -155,3 +168,27 @@ def _two_rank_worker(rank):
 @pytest.mark.distributed
 def test_two_ranks_train_one_classifier():
     idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)
+
+
+def test_a_probe_state_of_another_width_or_with_optimizer_buffers_of_other_shapes_is_refused_at_load():
+    import copy
+
+    trainer, *_, probe = trainer_with_probe()
+    trainer.run(labelled_crops(2), max_epochs=1)
+    state = probe.state_dict()
+    wider = copy.deepcopy(state)
+    wider["classifier"]["weight"] = torch.zeros(3, 20)
+    with pytest.raises(ValueError, match="classifier of 20 features, this probe's backbone gives 16"):
+        probe.load_state_dict(wider)
+    reshaped = copy.deepcopy(state)
+    reshaped["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"the probe's 'optimizer': 'exp_avg' of parameter 0 is \(3, 5\)"):
+        probe.load_state_dict(reshaped)
+    # a probe not built yet learns the width at its first step: another backbone's is named there
+    model = tiny_swav_model(width=8)
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), SwAVLoss())
+    fresh = OnlineLinearProbe(model.backbone, num_classes=3)
+    fresh.load_state_dict(state)
+    fresh.attach(trainer)
+    with pytest.raises(ValueError, match="takes 16 features .a restored state.., the backbone gives 8"):
+        trainer.run(labelled_crops(1), max_epochs=1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import classic_sinkhorn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ignite_swav import sinkhorn
 
@@ -169,14 +170,74 @@ def _worst_cosine_case(seed: int, rows: int = 576, prototypes: int = 100, dim: i
 def test_the_float32_kernel_is_exact_at_its_limit_on_cosine_scores_of_plus_and_minus_one(seed):
     from reference import log_domain_sinkhorn
 
-    from ignite_swav.sinkhorn import KERNEL_FLOAT32_SPREAD, sinkhorn_method
+    from ignite_swav.sinkhorn import KERNEL_SPREAD, sinkhorn_method
 
     scores = _worst_cosine_case(seed)
-    epsilon = 2.04 / KERNEL_FLOAT32_SPREAD  # the smallest epsilon the loss works on in float32 (scores up to 1.02)
+    epsilon = 2.04 / KERNEL_SPREAD  # the smallest epsilon the loss works on with the kernel (scores up to 1.02)
     assert sinkhorn_method(2.04 / epsilon) == ("kernel", torch.float32)
     got = sinkhorn(scores[:64], scores[64:], epsilon=epsilon, max_abs_score=1.02)
     expected = log_domain_sinkhorn(scores, 3, epsilon)[:64]
     assert (got.double() - expected).abs().max() < 1e-5
+
+
+def _isolated_prototype_case(seed: int, rows: int = 576, prototypes: int = 100, dim: int = 16) -> torch.Tensor:
+    """Cosine scores where prototype 0 is 2.04 below every row's best: at a small epsilon its whole column of
+    exp(scores / epsilon) underflows float32, yet the equipartition gives it a share of every row."""
+    g = torch.Generator().manual_seed(seed)
+    c = F.normalize(torch.randn(prototypes, dim, generator=g), dim=1)
+    nearest = c[1 + torch.randint(prototypes - 1, (rows,), generator=g)]
+    z = F.normalize(nearest + 0.2 * torch.randn(rows, dim, generator=g), dim=1)
+    scores = z @ c.t()
+    scores[:, 0] = scores[:, 1:].amax(dim=1) - 2.04
+    return scores
+
+
+@pytest.mark.parametrize("epsilon", [0.02, 0.015, 0.01])
+def test_below_the_kernels_limit_the_stabilised_float32_iterations_stay_exact(epsilon):
+    from reference import log_domain_sinkhorn
+
+    from ignite_swav.sinkhorn import codes_from_rows, sinkhorn_method
+
+    scores = _isolated_prototype_case(seed=int(epsilon * 1000))
+    method = sinkhorn_method(2.04 / epsilon)
+    assert method == ("stabilised", torch.float32)
+    expected = log_domain_sinkhorn(scores, 3, epsilon)[:64]
+    got = codes_from_rows(scores.clone().unsqueeze(0), 64, 3, epsilon, method)[0]
+    assert (got.double() - expected).abs().max() < 1e-5
+    # the plain float32 kernel loses the isolated prototype's column here (this case would catch a wrong choice)
+    plain = codes_from_rows(scores.clone().unsqueeze(0), 64, 3, epsilon, ("kernel", torch.float32))[0]
+    assert (plain.double() - expected).abs().max() > 0.1
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """The dtypes of every tensor an operation returns while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(value, torch.Tensor):
+                self.dtypes.add(value.dtype)
+        return out
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.03, 0.02, 0.01])
+def test_the_loss_computes_no_float64_at_any_epsilon_from_0_01(epsilon):
+    from ignite_swav import SwAVLoss
+
+    g = torch.Generator().manual_seed(0)
+    prototypes = F.normalize(torch.randn(30, 8, generator=g), dim=1)
+    embeddings = [F.normalize(torch.randn(16, 8, generator=g), dim=1).requires_grad_() for _ in range(4)]
+    loss_fn = SwAVLoss(epsilon=epsilon)
+    loss_fn.queue = F.normalize(torch.randn(2, 32, 8, generator=g), dim=2)
+    with DtypeRecorder() as recorded:
+        loss = loss_fn(scores=[z @ prototypes.t() for z in embeddings], embeddings=embeddings, prototypes=prototypes)
+        loss.backward()
+    assert loss_fn.use_queue
+    assert torch.float32 in recorded.dtypes and torch.float64 not in recorded.dtypes, recorded.dtypes
 
 
 def test_a_known_bound_on_the_scores_reads_nothing_from_the_device():

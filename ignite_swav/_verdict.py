@@ -26,7 +26,7 @@ class StateGuard:
     def __init__(self, model: nn.Module, extra: Iterable[Tensor] = ()) -> None:
         self.model = model
         self.extra = list(extra)
-        self._saved: dict[torch.dtype, tuple[list[Tensor], Tensor]] = {}
+        self._saved: dict[torch.dtype, tuple[list[Tensor], Tensor]] = {}  # the tensors, and their values
 
     def _tensors(self) -> dict[torch.dtype, list[Tensor]]:
         groups: dict[torch.dtype, list[Tensor]] = {}
@@ -39,22 +39,23 @@ class StateGuard:
     @torch.no_grad()
     def save(self) -> None:
         """Keep a copy of the tensors as they are now."""
-        self._saved = {}
-        for dtype, tensors in self._tensors().items():
-            views = [t.view(-1) for t in tensors]
-            self._saved[dtype] = (views, torch.cat(views))
+        self._saved = {
+            dtype: (tensors, torch.cat([t.view(-1) for t in tensors])) for dtype, tensors in self._tensors().items()
+        }
 
     @torch.no_grad()
     def restore_where(self, refused: Tensor) -> None:
         """Put the saved values back where ``refused`` (a boolean on the device) is true; nothing is read."""
-        for views, saved in self._saved.values():
-            current = torch.cat(views)
-            torch._foreach_copy_(views, torch.where(refused, saved, current).split([v.numel() for v in views]))
+        for tensors, saved in self._saved.values():
+            views = [t.view(-1) for t in tensors]
+            kept = torch.where(refused, saved, torch.cat(views))
+            torch._foreach_copy_(views, kept.split([v.numel() for v in views]))
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the saved values back."""
-        for views, saved in self._saved.values():
+        for tensors, saved in self._saved.values():
+            views = [t.view(-1) for t in tensors]
             torch._foreach_copy_(views, saved.split([v.numel() for v in views]))
 
 

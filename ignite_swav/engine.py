@@ -313,9 +313,11 @@ def create_swav_trainer(
         augment: makes the crops from the prepared images on ``device``, outside autocast and without
             gradients, e.g. :class:`~ignite_swav.BatchedMultiCrop`; the DataLoader then only loads raw uint8
             images (collated by :func:`~ignite_swav.collate_images`).
-        compile_model: run the model through ``torch.compile`` (``True``, or a dict of its keyword arguments such
-            as ``{"mode": "max-autotune"}``); ``model`` itself, its state dict and checkpoints stay those of the
-            uncompiled module.
+        compile_model: run the model and the loss's computation through ``torch.compile`` (``True``, or a dict of
+            its keyword arguments such as ``{"mode": "max-autotune"}``); ``model`` itself, its state dict and
+            checkpoints stay those of the uncompiled module. The loss's computation compiles without a graph
+            break; the step's own breaks are torch's (``zero_grad``, ``backward``, ``optimizer.step``:
+            docs/internals.md).
         amp_dtype: autocast dtype; default bfloat16 on CPU and float16 on CUDA.
 
     Returns:
@@ -360,10 +362,10 @@ def create_swav_trainer(
     elif scaler is not False:
         raise TypeError(f"scaler must be a bool or a torch.amp.GradScaler, got {type(scaler).__name__}")
     forward: Callable[..., Any]
-    if compile_model is True:
-        forward = torch.compile(model)
-    elif isinstance(compile_model, dict):
-        forward = torch.compile(model, **compile_model)
+    if compile_model is True or isinstance(compile_model, dict):
+        options = compile_model if isinstance(compile_model, dict) else {}
+        forward = _compiled(model, options)
+        loss_fn.compile(**options)
     elif compile_model is False:
         forward = model
     else:
@@ -419,6 +421,33 @@ def attach_verdict_reads(engine: Engine, update: Callable[[Engine, Any], Any]) -
         return
     for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
         engine.add_event_handler(event, settle)
+
+
+def _compiled(model: nn.Module, options: dict[str, Any]) -> Callable[..., Any]:
+    """``torch.compile(model, **options)``, whose refusal (now) or compiler failure (at the first call) is one line
+    naming the fix."""
+    try:
+        compiled = torch.compile(model, **options)
+    except (RuntimeError, TypeError, ValueError) as error:  # an unknown backend or mode, a bad option
+        raise ValueError(
+            f"compile_model={options or True!r}: torch.compile refused it ({_first_line(error)}); pass "
+            "compile_model=False, or options torch.compile accepts"
+        ) from None
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            raise ValueError(
+                f"torch.compile could not compile the model ({_first_line(error)}): pass compile_model=False, or "
+                "compile_model={'backend': 'eager'} to find the operation it fails on"
+            ) from None
+
+    return forward
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
 
 def _attach_queue_events(trainer: Engine, loss_fn: SwAVLoss) -> None:
@@ -569,10 +598,10 @@ def swav_training_step(
                 verdicts.defer(step)
             elif _skips_on_device(optimizer):
                 optimizer.found_inf = window["refused"].float()  # type: ignore[attr-defined]  # as GradScaler passes it
-                try:
-                    optimizer.step()
-                finally:
-                    del optimizer.found_inf  # type: ignore[attr-defined]
+                optimizer.step()
+                # None rather than del (torch.compile loses an attribute set and deleted in one frame), and no
+                # try block around the step (a graph break inside one cannot resume)
+                optimizer.found_inf = None  # type: ignore[attr-defined]
                 verdicts.defer(step)
             else:  # an optimizer that cannot skip on the device: the verdict is read now (the step's one wait)
                 verdicts.settle(engine, step)

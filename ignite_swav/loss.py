@@ -152,6 +152,7 @@ class SwAVLoss(nn.Module):
         #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call
         self.last_step: SwAVLossStep | None = None
         self._pending: _PendingStep | None = None
+        self._computation: Callable[..., tuple[Tensor, ...]] = self._compute
         self._workspace_tensors: tuple[Tensor, Tensor | None] | None = None
         self._constants_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -205,8 +206,29 @@ class SwAVLoss(nn.Module):
             factory, self.queue_factory = self.queue_factory, None
             self.queue = factory(batch_size, feat_dim, embeddings[0].device)
         queue = self._queue
-        num_crops, num_assigned = len(scores), len(self.crops_for_assign)
+        # decided on the host (the queue's fill is counted there), before the computation
+        if queue is not None and self._queue_is_full(queue):
+            self.use_queue = True
+        used_queue = queue if queue is not None and self.use_queue else None
+        loss, codes, assigned_scores, flags, all_scores, pushed_embeddings = self._computation(
+            scores, embeddings, prototypes, used_queue
+        )
+        checked_prototypes = prototypes.detach() if used_queue is not None else None
+        loss_value = loss.detach()
+        self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
+        self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue)
+        if check_finite:
+            self.raise_if_non_finite()
+        return loss
 
+    def _compute(
+        self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor, queue: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The computation of one call, tensors only (what :meth:`compile` compiles): the loss, the codes and
+        scores of the assigned crops, this rank's check flags, all scores and the assigned embeddings (detached).
+        ``queue`` is the queue when its scores join the Sinkhorn (a full queue), else ``None``."""
+        batch_size = scores[0].shape[0]
+        num_crops, num_assigned = len(scores), len(self.crops_for_assign)
         stacked_scores = torch.stack(list(scores))  # (V, B, K)
         all_scores = stacked_scores.detach()
         assigned, limits = self._constants(all_scores.device)
@@ -214,13 +236,7 @@ class SwAVLoss(nn.Module):
 
         # The Sinkhorn's rows: the assigned crops' scores, then the queue's scores under the current prototypes,
         # read before this step's push.
-        checked_prototypes = None
-        if queue is not None and self._queue_is_full(queue):
-            self.use_queue = True
-            checked_prototypes = prototypes.detach()
-        rows, scratch = self._sinkhorn_rows(
-            assigned_scores, queue if checked_prototypes is not None else None, prototypes
-        )
+        rows, scratch = self._sinkhorn_rows(assigned_scores, queue, prototypes)
         codes = codes_from_rows(
             rows, batch_size, self.sinkhorn_iterations, self.epsilon, self._sinkhorn_method, scratch
         )
@@ -229,25 +245,26 @@ class SwAVLoss(nn.Module):
 
         # Every check in one small tensor of this rank, compared on the device; the crops are looked at only when
         # something is wrong. NaN compares false, so it fails every check.
-        loss_value = loss.detach()
         pushed_embeddings = torch.stack([embeddings[c] for c in self.crops_for_assign]).detach()
         unit_prototypes = (
-            torch.linalg.vector_norm(checked_prototypes.float(), dim=1).sub_(1).abs_().amax()
-            if checked_prototypes is not None  # the prototypes score the queue: they must be unit rows too
+            torch.linalg.vector_norm(prototypes.detach().float(), dim=1).sub_(1).abs_().amax()
+            if queue is not None  # the prototypes score the queue: they must be unit rows too
             else limits[3]
         )
         measured = [
-            loss_value * 0,  # NaN for a non-finite loss
+            loss.detach() * 0,  # NaN for a non-finite loss
             torch.linalg.vector_norm(pushed_embeddings.float(), dim=2).sub_(1).abs_().amax(),
             _largest_magnitude(all_scores),
             unit_prototypes,
         ]
         flags = torch.stack(measured).le(limits).logical_not_().float()
-        self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
-        self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue)
-        if check_finite:
-            self.raise_if_non_finite()
-        return loss
+        return loss, codes, assigned_scores, flags, all_scores, pushed_embeddings
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the loss's computation with ``torch.compile`` (its arguments); the bookkeeping around it (the
+        queue's fill, counted on the host, the checks' context) stays eager, so that filling the queue never
+        recompiles it. :func:`~ignite_swav.create_swav_trainer` does it with ``compile_model``."""
+        self._computation = torch.compile(self._compute, *args, **kwargs)
 
     def _sinkhorn_rows(self, assigned_scores: Tensor, queue: Tensor | None, prototypes: Tensor) -> tuple[Tensor, Any]:
         """The Sinkhorn's ``(crops, batch + queue, K)`` rows in the method's dtype (the queue's scores under the

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ignite_swav"
 
 # name -> where we use it and why it stays
 EXPECTED = {
-    "import _prepare_batch": "evaluation.py, probe.py: Ignite's default (x, y) batch preparation, as its evaluators use",
+    "import _prepare_batch": "evaluation.py, probe.py: Ignite's default (x, y) batch preparation",
     "_ResumableDeterministicEngine._setup_engine": "restores the random state after the first batch of a resumed epoch",
     "_ResumableDeterministicEngine._init_run": "saves every rank's run seed when the run starts",
     "_ResumableDeterministicEngine._get_data_length": "the epoch length of the data, in _setup_engine",

@@ -63,6 +63,9 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
     """results.json and history.png in ``output_dir`` (each written atomically), and the summary lines."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+    if results.get("status") == "preempted":
+        print(f"{results['signal']} at iteration {results['iteration']}: checkpoint written", flush=True)
+        return
     lines = [
         f"kNN top-1 (k-NN on held-out images), after {results['epochs']} epochs:",
         f"  SwAV pretrained       {results['knn_top1']:.4f}",

@@ -7,16 +7,13 @@ import errno
 import os
 import re
 import socket
-import stat
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from ignite import distributed as idist
-from ignite.handlers.checkpoint import BaseSaveHandler
 from swav_config import ExampleError
+
+from ignite_swav.checkpoint import write_durably
 
 CHECKPOINT_PREFIX = "swav"
 LOCK_NAME = ".swav_run.lock"
@@ -140,7 +137,7 @@ class OutputDirLock:
         if self._descriptor is None:
             return
         try:
-            if verify_lock(self.path, self.inode, raise_error=False):
+            if verify_lock(self.path, self.inode, raise_error=False, holder=os.getpid()):
                 self.path.unlink(missing_ok=True)  # while still locked, so that no start locks the old file
         finally:
             os.close(self._descriptor)  # releases the lock
@@ -156,53 +153,31 @@ def _owner(descriptor: int) -> tuple[int | None, str]:
         return None, ""
 
 
-def verify_lock(path: Path, inode: int | None, raise_error: bool = True) -> bool:
-    """Whether the lock file is still the one this run holds; raises ExampleError (``raise_error``) when it was
-    removed or replaced, as another run could now write into the directory too."""
+def verify_lock(path: Path, inode: int | None, raise_error: bool = True, holder: int | None = None) -> bool:
+    """Whether the lock file is still the one this run holds (the same file, naming ``holder``, the process that
+    took it, when given); raises ExampleError (``raise_error``) when it was removed, replaced or taken over, as
+    another run could now write into the directory too."""
     if inode is None:
         return True
     try:
         current = os.stat(path, follow_symlinks=False).st_ino
+        named = path.read_text(errors="replace").split("\n", 1)[0].strip() if holder is not None else None
     except FileNotFoundError:
-        current = None
-    if current == inode:
+        current, named = None, None
+    if current == inode and (holder is None or named == str(holder)):
         return True
     if raise_error:
         raise ExampleError(
-            f"the lock file {path} was removed or replaced while this run held it: another run may be writing into "
-            "the same --output-dir; stopped before writing (resume from the newest checkpoint once alone)"
+            f"the lock file {path} was removed, replaced or taken over while this run held it: another run may be "
+            "writing into the same --output-dir; stopped before writing (resume from the newest checkpoint once alone)"
         )
     return False
 
 
-class RunSaver(BaseSaveHandler):
-    """Ignite's ``DiskSaver`` with atomic writes whose temporary files are named ``.swav_tmp.*`` (DiskSaver's are
-    ``tmp*``, like any other program's): written on rank 0, renamed over the checkpoint once complete."""
-
-    def __init__(self, dirname: Path) -> None:
-        self.dirname = dirname
-
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        if idist.get_rank() == 0:
-            write_atomically(self.dirname / filename, lambda path: torch.save(checkpoint, path))
-
-    def remove(self, filename: str) -> None:
-        if idist.get_rank() == 0:
-            (self.dirname / filename).unlink(missing_ok=True)
-
-
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(temporary_path)`` then rename over ``path``: a reader sees the old file or the new one, never a
-    part; on any failure the temporary file is removed and the old file stays."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """``write(temporary_path)`` then rename over ``path`` (the library's durable write, with this script's
+    temporary names): a reader sees the old file or the new one, never a part."""
+    write_durably(path, write, TEMP_PREFIX)
 
 
 _TEMPORARY = re.compile(rf"^{re.escape(TEMP_PREFIX)}.+\.tmp$")

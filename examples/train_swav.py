@@ -22,9 +22,9 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import sys
+import uuid
 from contextlib import nullcontext
 from typing import Any
 
@@ -35,14 +35,23 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.metrics import Average, Frequency
 from ignite.utils import manual_seed, setup_logger
+from lifecycle import (
+    PREEMPTED_EXIT,
+    exit_status,
+    forwarding_preemption_signals,
+    ignore_preemption_signals,
+    preempted_results,
+    was_preempted,
+    watch_launcher,
+)
 from models import attach_lr_schedule, build_backbone, build_loss_and_queue_handler, build_model, build_optimizer
 from results import HEALTH_METRICS, RunHistory, attach_loggers, log_epoch, log_start, write_results
 from resume import CHECKPOINT_KEYS, load_resume_checkpoint, newest_valid_checkpoint, resume_run
 from run_dir import (
     CHECKPOINT_PREFIX,
     LOCK_NAME,
+    TEMP_PREFIX,
     OutputDirLock,
-    RunSaver,
     check_output_dir,
     check_output_dir_path,
     free_port,
@@ -53,11 +62,12 @@ from run_dir import (
 from swav_config import ExampleError, parse_args, resolved_config
 from swav_data import DataBundle, build_data, require
 from torch import nn
-from torch.multiprocessing import ProcessRaisedException
 
 from ignite_swav import (
     BatchedMultiCrop,
+    DurableDiskSaver,
     OnlineLinearProbe,
+    PreemptionHandler,
     SwAVEvents,
     SwAVHealthMonitor,
     collate_crops,
@@ -65,11 +75,11 @@ from ignite_swav import (
     create_swav_trainer,
     load_checkpoint_file,
 )
-from ignite_swav.checkpoint import is_disk_full
 
 __all__ = ["CHECKPOINT_KEYS", "ExampleError", "build_data", "main", "parse_args"]
 
 logger = logging.getLogger("train_swav")
+OUTCOME: dict[str, Any] = {}  # how training() ended in this process
 
 
 def setup_output() -> None:
@@ -88,6 +98,7 @@ def build_loader(data: DataBundle, args: argparse.Namespace) -> tuple[Any, int]:
         collate_fn=collate_images if args.gpu_augment else collate_crops,
         # workers that augment must be reseeded with every epoch for an exact resume: not kept from one to the next
         persistent_workers=args.num_workers > 0 and (args.gpu_augment or not args.deterministic),
+        worker_init_fn=ignore_preemption_signals,
     )
     return loader, min(len(loader), args.max_iters_per_epoch or len(loader))
 
@@ -170,13 +181,21 @@ def attach_epoch_record(trainer: Engine, objects: dict[str, Any], data: DataBund
 
 def attach_checkpoint(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> None:
     """The last two checkpoints in ``--output-dir``, every epoch, after checking that the directory is still ours."""
-    checkpoint = Checkpoint(objects, RunSaver(args.output_dir), filename_prefix=CHECKPOINT_PREFIX, n_saved=2)
-    if idist.get_rank() == 0:  # before any write: stop if another run may have taken the directory
-        lock = args.output_dir / LOCK_NAME
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: verify_lock(lock, args.lock_inode))
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
-    if idist.get_rank() == 0:  # Checkpoint's n_saved counts this process's files: after a resume, the older run's go
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: keep_newest_checkpoints(args.output_dir, 2))
+    # durable: Checkpoint's removal of an old file waits until the new one is on disk (never no checkpoint)
+    saver = DurableDiskSaver(args.output_dir, require_empty=False, save_on_rank=0, temporary_prefix=TEMP_PREFIX)
+    checkpoint = Checkpoint(objects, saver, filename_prefix=CHECKPOINT_PREFIX, n_saved=2)
+    lock = args.output_dir / LOCK_NAME
+
+    def save(engine: Engine) -> None:
+        if idist.get_rank() == 0:  # before any write: stop if another run may have taken the directory
+            verify_lock(lock, args.lock_inode, holder=args.lock_pid)
+        checkpoint(engine)
+        if idist.get_rank() == 0:  # Checkpoint's n_saved counts this process's files: after a resume, older run's go
+            keep_newest_checkpoints(args.output_dir, 2)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, save)
+    # and where a preemption signal ended the run (every process stopped at that iteration)
+    trainer.add_event_handler(Events.TERMINATE, lambda e: save(e) if e.state.preempted is not None else None)
 
 
 def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,6 +211,8 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     loader, epoch_length = build_loader(data, args)
     objects = build_trainer(model, data, args, epoch_length)
     trainer = objects["trainer"]
+    PreemptionHandler().attach(trainer)  # SIGTERM, SIGUSR1: stop after this iteration, with a checkpoint
+    watch_launcher(trainer, args)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
@@ -206,10 +227,12 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
         trainer.run(loader, max_epochs=args.epochs, epoch_length=None if args.resume_from else epoch_length)
     if tb_logger is not None:
         tb_logger.close()
-    results = final_results(objects, data, args)
+    preempted = trainer.state.preempted is not None
+    results = preempted_results(trainer, args) if preempted else final_results(objects, data, args)
     if idist.get_rank() == 0:
-        verify_lock(args.output_dir / LOCK_NAME, args.lock_inode)
+        verify_lock(args.output_dir / LOCK_NAME, args.lock_inode, holder=args.lock_pid)
         write_results(results, args.output_dir)
+    OUTCOME["status"] = results["status"]  # for main() in this process (a spawned one's is in results.json)
     return results
 
 
@@ -232,6 +255,8 @@ def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Name
     speeds = [r["images_per_s"] for r in records]
     last = records[-1] if records else {}
     return {
+        "status": "finished",
+        "run_token": args.run_token,
         "dataset": args.dataset,
         "arch": args.arch,
         "epochs": objects["trainer"].state.epoch,
@@ -260,6 +285,7 @@ def check_batch_fits(args: argparse.Namespace, size: int) -> None:
 
 def prepare(args: argparse.Namespace) -> None:
     """Every check of the run before anything is created or removed: a refused run leaves the disk as it was."""
+    args.run_token = uuid.uuid4().hex  # names this run in its results.json
     if args.backend is None and ((args.nproc_per_node or 1) > 1 or "WORLD_SIZE" in os.environ):
         args.backend = "nccl" if torch.cuda.is_available() else "gloo"
     if args.backend == "nccl" and not torch.cuda.is_available():
@@ -298,28 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun every process runs main(): the first one holds the lock for all
         lock = OutputDirLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
         with lock:
-            args.lock_inode = getattr(lock, "inode", None)
+            args.lock_inode, args.lock_pid = getattr(lock, "inode", None), os.getpid()
             check_output_dir(args.output_dir, args.resume_from)  # again, now that no other start can race us
             remove_temporary_files(args.output_dir)
             port = {"master_port": args.master_port} if args.master_port is not None else {}
-            with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node, **port) as parallel:
-                parallel.run(training, vars(args))
-    except ProcessRaisedException as error:  # a one-line problem found in a spawned process: one line here too
-        found = re.search(r"ExampleError: (.*)", str(error))
-        if found is None:
+            with forwarding_preemption_signals((args.nproc_per_node or 1) > 1):
+                with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node, **port) as parallel:
+                    parallel.run(training, vars(args))
+        if OUTCOME.get("status") == "preempted" or was_preempted(args.output_dir, args.run_token):
+            print(f"preempted: checkpoint written; continue with --resume-from auto (exit {PREEMPTED_EXIT})")
+            return PREEMPTED_EXIT
+    except BaseException as error:  # each way a run fails is one line and an exit status (lifecycle.py)
+        status = exit_status(error, output_dir)
+        if status is None:
             raise
-        print(f"error: {found.group(1)}", file=sys.stderr)
-        return 2
-    except ExampleError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not is_disk_full(error):
-            raise
-        # a full disk (torch's writer calls it an "unexpected pos"), a directory that vanished: one line
-        reason = "no space left on device" if is_disk_full(error) else (error.strerror or str(error))
-        print(f"error: writing to '{output_dir}' failed: {reason}", file=sys.stderr)
-        return 1
+        return status
     return 0
 
 

@@ -1,7 +1,7 @@
 """ignite-swav: SwAV self-supervised learning for PyTorch-Ignite."""
 
 from ignite_swav.batched_transforms import BatchedMultiCrop, collate_images
-from ignite_swav.checkpoint import load_checkpoint_file, load_objects
+from ignite_swav.checkpoint import DurableDiskSaver, load_checkpoint_file, load_objects
 from ignite_swav.clusters import assign_clusters
 from ignite_swav.decode import decode_images
 from ignite_swav.engine import create_swav_trainer, prepare_image_batch, prepare_multicrop_batch, swav_training_step
@@ -10,6 +10,7 @@ from ignite_swav.events import SwAVEvents
 from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
 from ignite_swav.loss import SwAVLoss, SwAVLossStep
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav.preemption import PreemptionHandler
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
@@ -22,10 +23,12 @@ __version__ = "0.2.0"
 __all__ = [
     "BatchedMultiCrop",
     "CollapseReport",
+    "DurableDiskSaver",
     "KNNAccuracy",
     "MultiCropSettings",
     "MultiCropTransform",
     "OnlineLinearProbe",
+    "PreemptionHandler",
     "SwAVEvents",
     "SwAVHealthMonitor",
     "SwAVLoss",

@@ -5,7 +5,8 @@
     python examples/export_backbone.py runs/in1k/swav_checkpoint_500400.pt resnet50.pt --format timm --arch resnet50
     python examples/export_backbone.py swav_800ep_pretrain.pth.tar resnet50.pt   # a facebookresearch/swav release
 
-The checkpoint is one of train_swav.py, or a release of facebookresearch/swav. With ``--arch`` the weights are
+The checkpoint is one of train_swav.py, any Ignite ``Checkpoint`` with a SwAVModel's ``"model"`` entry (as
+``create_swav_trainer`` runs write them), or a release of facebookresearch/swav. With ``--arch`` the weights are
 first loaded into that torchvision (or timm) model, and a mismatch stops before anything is written; for
 train_swav.py's torchvision backbones with the standard stem, the architecture is the run's own.
 """
@@ -27,7 +28,9 @@ from ignite_swav import export_backbone, load_official_checkpoint  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "checkpoint", type=Path, help="a checkpoint of train_swav.py, or a facebookresearch/swav release"
+        "checkpoint",
+        type=Path,
+        help="a checkpoint of train_swav.py or of any Ignite run, or a facebookresearch/swav release",
     )
     parser.add_argument("output", type=Path, help="the file to write (a torch.save'd state dict)")
     parser.add_argument(
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        checkpoint, config = load_settings(args.checkpoint)
+        # any Ignite Checkpoint of a SwAVModel (create_swav_trainer's runs), not only train_swav.py's
+        checkpoint, config = load_settings(args.checkpoint, "checkpoint", settings_required=False)
         arch = args.arch
         if is_release(checkpoint):
             source = load_official_checkpoint(checkpoint, arch=arch or "resnet50")

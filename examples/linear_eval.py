@@ -65,22 +65,24 @@ def is_release(checkpoint: Any) -> bool:
     return isinstance(weights, dict) and any(str(k).startswith("module.") for k in weights)
 
 
-def load_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The checkpoint and the run settings stored in it (``None`` for a release); bad files raise ExampleError."""
+def load_settings(
+    path: Path, name: str = "--checkpoint", settings_required: bool = True
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checkpoint and the run settings stored in it (``None`` for a release, or for a checkpoint of another
+    Ignite run when ``settings_required`` is false); bad files raise ExampleError naming the argument ``name``."""
     if not path.is_file():
-        raise ExampleError(f"--checkpoint '{path}' does not exist")
+        raise ExampleError(f"{name} '{path}' does not exist")
     try:
         checkpoint = load_checkpoint_file(path)
     except ValueError as error:
         raise ExampleError(str(error)) from None
     if is_release(checkpoint):
         return checkpoint, None
-    config = checkpoint.get("history", {}).get("config") if isinstance(checkpoint, dict) else None
-    if not config or "model" not in checkpoint:
-        raise ExampleError(
-            f"--checkpoint '{path}' is neither a checkpoint written by train_swav.py nor a facebookresearch/swav "
-            "release"
-        )
+    history = checkpoint.get("history") if isinstance(checkpoint, dict) else None
+    config = history.get("config") if isinstance(history, dict) else None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or (settings_required and not config):
+        kind = "written by train_swav.py" if settings_required else "with a SwAVModel's 'model' entry"
+        raise ExampleError(f"{name} '{path}' is neither a checkpoint {kind} nor a facebookresearch/swav release")
     return checkpoint, config
 
 

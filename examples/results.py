@@ -29,6 +29,8 @@ class RunHistory:
     def __init__(self, args: argparse.Namespace | None = None) -> None:
         self.records: list[dict[str, Any]] = []
         self.config: dict[str, Any] = {k: getattr(args, k) for k in self.MODEL_SETTINGS} if args is not None else {}
+        if args is not None:
+            self.config["epochs"] = args.epochs  # the length the schedule was planned for (not a model setting)
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": [dict(r) for r in self.records], "config": dict(self.config)}

@@ -101,16 +101,24 @@ def resume_run(
     """Load the checkpoint into the run; returns whether training is already complete (only the final figures
     are left, as after a run killed during them). On another number of processes or batch size the epoch length
     changes: the trainer, the queue and the learning rate schedule resume at the same point of the run."""
+    # another --epochs: the schedule as if the run had been planned for that length (not the saved one's)
+    planned = checkpoint["history"].get("config", {}).get("epochs")
+    replanned = planned is not None and planned != args.epochs
+    schedulers = [key for key in to_save if key.startswith("lr_")]
+    fresh = [key for key in schedulers if key not in checkpoint or replanned]
     try:
-        load_objects({k: v for k, v in to_save.items() if k in checkpoint}, checkpoint, epoch_length=epoch_length)
+        loaded = {k: v for k, v in to_save.items() if k in checkpoint and k not in fresh}
+        load_objects(loaded, checkpoint, epoch_length=epoch_length)
     except ValueError as error:
         raise ExampleError(f"--resume-from '{args.resume_from}': {error}") from None
     state = trainer.state
-    for key, scheduler in to_save.items():
-        if key.startswith("lr_") and key not in checkpoint:  # written before the schedulers were checkpointed
-            done = state.iteration
-            warmup_iters = args.warmup_epochs * epoch_length
-            for _ in range(min(done, warmup_iters) if key == "lr_warmup" else max(0, done - warmup_iters)):
-                scheduler(None)
+    done, warmup_iters = state.iteration, args.warmup_epochs * epoch_length
+    for key in fresh:  # stepped to the run's iteration, as a scheduler of this plan would be there
+        steps = min(done, warmup_iters) if key == "lr_warmup" else max(0, done - warmup_iters)
+        for _ in range(steps):
+            to_save[key](None)
+    if replanned:
+        to_save["history"].config["epochs"] = args.epochs
+        logger.info(f"the learning rate schedule follows --epochs {args.epochs} (the run was planned for {planned})")
     logger.info(f"resumed from '{args.resume_from}' at epoch {state.epoch} (iteration {state.iteration})")
     return state.epoch >= args.epochs

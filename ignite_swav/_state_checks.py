@@ -75,6 +75,10 @@ def check_optimizer_state(key: str, optimizer: Optimizer, state: Any) -> None:
                 raise ValueError(f"checkpoint entry '{key}': '{name}' of parameter {index} holds NaN or infinities")
 
 
+# settings that no optimizer takes below 0: a negative one would train away from the minimum without a word
+_NON_NEGATIVE = ("lr", "initial_lr", "weight_decay", "momentum", "dampening", "eps")
+
+
 def check_setting(key: str, name: str, value: Any, current: Any) -> None:
     """A saved optimizer setting has the kind of the optimizer's own: a number for a number, a bool for a bool."""
     if name == "params":
@@ -93,6 +97,8 @@ def check_setting(key: str, name: str, value: Any, current: Any) -> None:
         raise ValueError(
             f"checkpoint entry '{key}': the setting '{name}' is {value!r}, where the optimizer has {current!r}"
         )
+    if name in _NON_NEGATIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"checkpoint entry '{key}': the setting '{name}' is {value!r}, it must be >= 0")
 
 
 def check_engine_state(key: str, state: Any) -> None:

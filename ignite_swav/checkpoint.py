@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.handlers.param_scheduler import BaseParamScheduler
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._pickle_scan import referenced_callables
@@ -104,7 +104,7 @@ def load_checkpoint_file(path: str | Path) -> Any:
         with warnings.catch_warnings():
             # a pickle protocol other than torch's: refused below if it refers to anything but tensors
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
         raise ValueError(
             f"checkpoint file '{path}' cannot be read, it is truncated or corrupted ({error.strerror or error})"
@@ -129,6 +129,26 @@ def load_checkpoint_file(path: str | Path) -> Any:
             f"checkpoint file '{path}' cannot be read, it is truncated or corrupted, or not a file of tensors and "
             f"numbers as torch.save writes them ({type(error).__name__}{detail}); nothing in it was run"
         ) from None
+    _refuse_expanded_tensors(loaded, path)
+    return loaded
+
+
+def _refuse_expanded_tensors(value: Any, path: Path, where: str = "") -> None:
+    """Refuse a tensor whose shape claims more values than its storage holds (a stride-0 expansion: a file of a
+    few MB that any copy of it turns into gigabytes); torch.save never writes one for a tensor it saves whole."""
+    if isinstance(value, Tensor):
+        stored = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+        if value.numel() > stored:
+            raise ValueError(
+                f"checkpoint file '{path}': '{where or 'the tensor'}' claims {tuple(value.shape)} values but its "
+                f"storage holds {stored}: a repeated (expanded) tensor is not a saved weight; the file was refused"
+            )
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_expanded_tensors(item, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_expanded_tensors(item, path, f"{where}[{index}]")
 
 
 def load_objects(

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import update_bn
 
 from ignite_swav._distributed import all_reduce, gather_rows, real_rows_of_rank, values_by_rank
 from ignite_swav._validation import check_int, check_positive_float, device_type_of, resolve_autocast_dtype
-from ignite_swav._wrappers import evaluating
+from ignite_swav._wrappers import evaluating, restore_modes, training_modes
 
 __all__ = ["KNNAccuracy", "create_knn_evaluator", "extract_features", "recalibrate_batchnorm"]
 
@@ -295,8 +295,8 @@ def create_knn_evaluator(
     """
     device_type, autocast_dtype = _autocast(amp_mode, device)
     metric = KNNAccuracy(k=k, temperature=temperature)
-    # The network evaluated in this run (the backbone, or its recalibrated copy) and the backbone's mode.
-    evaluated: dict[str, Any] = {"net": backbone, "was_training": backbone.training}
+    # The network evaluated in this run (the backbone, or its recalibrated copy) and the modes of its modules.
+    evaluated: dict[str, Any] = {"net": backbone, "modes": training_modes(backbone)}
 
     @torch.no_grad()
     def step(engine: Engine, batch: Any) -> Any:
@@ -313,7 +313,7 @@ def create_knn_evaluator(
     @evaluator.on(Events.STARTED)
     def embed_reference(engine: Engine) -> None:
         evaluated["real_rows"], evaluated["rows_seen"] = real_rows_of_rank(engine.state.dataloader), 0
-        evaluated["was_training"] = backbone.training
+        evaluated["modes"] = training_modes(backbone)
         net = backbone
         if recalibrate_bn:
             net = recalibrate_batchnorm(backbone, reference_loader, device, non_blocking, prepare_batch)
@@ -325,7 +325,7 @@ def create_knn_evaluator(
     @evaluator.on(Events.COMPLETED)
     def restore_mode(_: Engine) -> None:
         evaluated["net"] = backbone
-        backbone.train(evaluated["was_training"])
+        restore_modes(evaluated["modes"])
 
     metric.attach(evaluator, metric_name)
     return evaluator

@@ -3,9 +3,8 @@ backbone of a trained model out as a plain state dict for torchvision or timm.""
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ignite_swav._wrappers import unwrap_model
-from ignite_swav.checkpoint import load_checkpoint_file
+from ignite_swav.checkpoint import is_disk_full, load_checkpoint_file, write_durably
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
 
 __all__ = ["export_backbone", "load_official_checkpoint"]
@@ -44,7 +43,12 @@ def _torchvision_model(arch: str) -> nn.Module:
     builder = getattr(models, arch, None) if isinstance(arch, str) else None
     if not callable(builder) or arch.startswith("_") or arch != arch.lower():
         raise ValueError(f"arch={arch!r} is not a torchvision model builder, such as 'resnet50' or 'resnet18'")
-    model = builder()
+    try:
+        model = builder()
+    except TypeError:  # a callable of torchvision.models that is not a builder (get_model, list_models, ...)
+        raise ValueError(
+            f"arch={arch!r} is not a torchvision model builder, such as 'resnet50' or 'resnet18'"
+        ) from None
     if not isinstance(getattr(model, "fc", None), nn.Linear):
         raise ValueError(f"arch={arch!r}: a ResNet-style torchvision model with an 'fc' classifier is expected")
     return model
@@ -105,6 +109,11 @@ def load_official_checkpoint(
     state = _state_of(source, "source")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a checkpoint of main_swav.py: {"epoch", "state_dict", "optimizer", ...}
+    not_names = [k for k in state if not isinstance(k, str)]
+    if not_names:
+        raise ValueError(
+            f"source is not a released SwAV checkpoint: it holds keys that are not names ({not_names[:3]})"
+        )
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors or not state:
         what = f"entries that are not tensors ({_described([str(k) for k in not_tensors])})" if state else "nothing"
@@ -233,7 +242,8 @@ def export_backbone(
 
     With ``arch`` (a torchvision builder for ``format="torchvision"``, a timm model name for ``"timm"``) the
     state is first loaded into that model, as above, and a mismatch raises before anything is written. The file
-    is written atomically (a temporary file renamed).
+    is written atomically and durably (a temporary file flushed, then renamed), readable by all (0644); on a full
+    disk an ``OSError`` (ENOSPC) says so and the old file stays.
 
     Example:
         >>> import tempfile, torch
@@ -257,14 +267,14 @@ def export_backbone(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path '{path}' is a directory: give the file to write")
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-    os.close(descriptor)
     try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        write_durably(path, lambda temporary: torch.save(state, temporary))  # 0644, as checkpoints are
+    except (OSError, RuntimeError) as error:
+        if not is_disk_full(error):
+            raise
+        raise OSError(
+            errno.ENOSPC, f"no space left on the device to write '{path}' (the file there, if any, is kept)"
+        ) from None
     return state
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ignite_swav._distributed import all_reduce, broadcast
 from ignite_swav._state_checks import check_optimizer_state
 from ignite_swav._validation import check_int, check_positive_float
-from ignite_swav._wrappers import unwrap_model
+from ignite_swav._wrappers import restore_modes, training_modes, unwrap_model
 
 __all__ = ["OnlineLinearProbe"]
 
@@ -239,8 +239,8 @@ class OnlineLinearProbe(Serializable):
         name: str = "online_linear_top1",
     ) -> Engine:
         """An evaluator of the probe: ``evaluator.run(data).metrics[name]`` is its top-1 on ``data`` (batches
-        that ``prepare_batch`` turns into ``(images, labels)``), the backbone in eval mode (its mode restored
-        after)."""
+        that ``prepare_batch`` turns into ``(images, labels)``), the backbone in eval mode (the mode of each of its
+        modules restored after)."""
 
         @torch.no_grad()
         def step(engine: Engine, batch: Any) -> tuple[Tensor, Tensor]:
@@ -248,10 +248,10 @@ class OnlineLinearProbe(Serializable):
             return self.backbone(x), y
 
         evaluator = Engine(step)
-        modes: dict[str, bool] = {}
-        evaluator.add_event_handler(Events.STARTED, lambda _: modes.update(was=self.backbone.training))
+        modes: dict[nn.Module, bool] = {}
+        evaluator.add_event_handler(Events.STARTED, lambda _: modes.update(training_modes(self.backbone)))
         evaluator.add_event_handler(Events.STARTED, lambda _: self.backbone.eval())
-        evaluator.add_event_handler(Events.COMPLETED, lambda _: self.backbone.train(modes["was"]))
+        evaluator.add_event_handler(Events.COMPLETED, lambda _: restore_modes(modes))
         self.attach_metric(evaluator, name)
         return evaluator
 

@@ -41,7 +41,8 @@ def random_crops(batch: int = 4, sizes=(16, 16, 8, 8, 8), seed: int = 0) -> list
 
 # The example on a few small batches of the small digits set, with a tiny model and the k-NN probe after the last
 # epoch only: the code paths of a run, not its figures. Each test file adds its iterations and queue.
-TINY_EXAMPLE_ARGS = ["--dataset", "digits", "--num-workers", "0", "--batch-size", "16", "--num-prototypes", "16"]
+TINY_EXAMPLE_ARGS = ["--dataset", "digits", "--arch", "small_resnet", "--num-workers", "0", "--batch-size", "16"]
+TINY_EXAMPLE_ARGS += ["--num-prototypes", "16"]
 TINY_EXAMPLE_ARGS += ["--feat-dim", "16", "--hidden-dim", "32", "--eval-every", "100"]
 
 

@@ -64,6 +64,12 @@ def test_a_good_checkpoint_loads_every_object(tmp_path: Path):
         ("model", lambda s: {k: v for k, v in s.items() if k != "backbone.conv.bias"}, "holds another model"),
         ("model", lambda s: {**s, "backbone.conv.weight": torch.zeros(3)}, r"is \(3,\), the model has"),
         ("optimizer", lambda s: {**s, "param_groups": []}, "another number of parameter groups"),
+        (
+            "optimizer",
+            lambda s: {**s, "param_groups": [{**s["param_groups"][0], "lr": -0.1}]},
+            "the setting 'lr' is -0.1, it must be >= 0",
+        ),
+        ("queue_handler", lambda s: {**s, "queue": s["queue"].requires_grad_()}, "requires a gradient"),
         ("trainer", lambda s: {**s, "iteration": "six"}, "'iteration' must be an integer >= 0"),
         ("trainer", lambda s: {"nothing": 1}, "Required state attribute"),
     ],

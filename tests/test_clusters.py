@@ -75,3 +75,19 @@ def test_bad_inputs_get_one_clear_error():
         assign_clusters(model.backbone, [images(2, 0)])
     with pytest.raises(TypeError, match="balanced must be a bool"):
         assign_clusters(model, [images(2, 0)], balanced="yes")
+
+
+def test_every_module_comes_back_in_its_own_mode_after_an_evaluation():
+    """A BatchNorm frozen in eval mode inside a model in training mode stays frozen after each evaluation tool."""
+    from ignite_swav import create_knn_evaluator, extract_features
+
+    model = tiny_swav_model()
+    model.train()
+    model.backbone.bn.eval()  # frozen statistics, as fine-tuning recipes do
+    images = torch.randn(6, 3, 16, 16)
+    labelled = [(images, torch.tensor([0, 1, 0, 1, 0, 1]))]
+    assign_clusters(model, [images])
+    extract_features(model.backbone, labelled)
+    create_knn_evaluator(model.backbone, labelled, k=1).run(labelled)
+    assert model.training and model.backbone.training and model.projection.training
+    assert not model.backbone.bn.training

@@ -99,7 +99,7 @@ def test_export_backbone_writes_what_torchvision_loads(tmp_path: Path, capsys):
     import export_backbone
     from torchvision.models import resnet18
 
-    status, output = run(tmp_path, "--epochs", "1")  # digits: a torchvision resnet18 with the standard stem
+    status, output = run(tmp_path, "--epochs", "1", "--arch", "resnet18")  # torchvision's, standard stem
     assert status == 0
     target = tmp_path / "resnet18.pt"
     assert export_backbone.main([str(checkpoints(output)[-1]), str(target)]) == 0
@@ -345,7 +345,7 @@ def test_checkpoints_that_are_corrupted_or_of_another_model_are_refused(tmp_path
     assert "truncated or corrupted" in capsys.readouterr().err
 
     assert run(tmp_path, "--epochs", "2", "--resume-from", str(good), "--feat-dim", "32")[0] == 2
-    assert "holds another model than --arch resnet18 with --feat-dim 32" in capsys.readouterr().err
+    assert "holds another model than --arch small_resnet with --feat-dim 32" in capsys.readouterr().err
 
     not_ours = tmp_path / "other.pt"
     torch.save({"model": {}}, not_ours)
@@ -568,3 +568,35 @@ def test_a_full_disk_is_reported_as_such(tmp_path: Path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.strip().endswith(f"error: writing to '{output}' failed: no space left on device")
     assert not any(p.name.startswith(run_dir.TEMP_PREFIX) for p in output.iterdir())
+
+
+def test_export_backbone_reads_any_ignite_checkpoint_of_a_swav_model_and_names_its_own_argument(tmp_path, capsys):
+    import export_backbone
+    from helpers import tiny_swav_model
+    from ignite.engine import Engine
+    from ignite.handlers import Checkpoint
+
+    from ignite_swav import DurableDiskSaver
+
+    model = tiny_swav_model()
+    engine = Engine(lambda e, b: None)
+    Checkpoint({"model": model, "trainer": engine}, DurableDiskSaver(tmp_path))(engine)  # a create_swav_trainer run's
+    (written,) = tmp_path.glob("*.pt")
+    assert export_backbone.main([str(written), str(tmp_path / "backbone.out")]) == 0
+    state = torch.load(tmp_path / "backbone.out", weights_only=True)
+    assert set(state) == {k.removeprefix("backbone.") for k in model.state_dict() if k.startswith("backbone.")}
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.bin")
+    assert export_backbone.main([str(tmp_path / "other.bin"), str(tmp_path / "b.out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: checkpoint '" in err and "--checkpoint" not in err  # the argument export_backbone.py has
+
+
+def test_resuming_with_more_epochs_follows_the_schedule_planned_for_the_new_length(tmp_path: Path):
+    assert train_swav.main([*TINY, "--epochs", "5", "--output-dir", str(tmp_path / "five")]) == 0
+    output = tmp_path / "extended"
+    assert train_swav.main([*TINY, "--epochs", "3", "--output-dir", str(output)]) == 0
+    assert train_swav.main([*TINY, "--epochs", "5", "--output-dir", str(output), "--resume-from", "auto"]) == 0
+    planned = [r["lr"] for r in results(tmp_path / "five")["history"]]
+    extended = [r["lr"] for r in results(output)["history"]]
+    assert extended[3:] == pytest.approx(planned[3:], rel=1e-9)  # epochs 4 and 5: as if planned for 5 epochs
+    assert extended[2] != pytest.approx(planned[2])  # epoch 3 ended the 3-epoch plan: another rate

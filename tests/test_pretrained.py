@@ -118,6 +118,7 @@ def test_a_checkpoint_of_another_architecture_is_named():
         ),
         (lambda s: s | {"module.epoch": 3}, r"entries that are not tensors \('module.epoch'\)"),
         (lambda s: {}, "it holds nothing"),
+        (lambda s: s | {3: torch.zeros(2)}, r"it holds keys that are not names \(\[3\]\)"),
         (
             lambda s: s | {"module.prototypes.weight": torch.zeros(30, 8)},
             r"prototypes are \(30, 8\), expected \(K, 16\)",
@@ -138,6 +139,8 @@ def test_bad_arguments_are_refused():
     state = released_checkpoint(arch="resnet18", head=False)
     with pytest.raises(ValueError, match=r"arch='resnet_51' is not a torchvision model builder"):
         load_official_checkpoint(state, arch="resnet_51")
+    with pytest.raises(ValueError, match=r"arch='get_model' is not a torchvision model builder"):
+        load_official_checkpoint(state, arch="get_model")  # a callable of torchvision.models, not a builder
     with pytest.raises(TypeError, match="source must be a path or a state dict, got int"):
         load_official_checkpoint(3)
     with pytest.raises(ValueError, match="prototype_head must be an integer >= 0, got -1"):
@@ -192,3 +195,34 @@ def test_a_backbone_that_does_not_match_is_refused_before_anything_is_written(tm
     with pytest.raises(TypeError, match=r"a SwAVModel \(with a .backbone\) is expected, got Linear"):
         export_backbone(nn.Linear(2, 2), tmp_path / "out.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_release_file_with_an_expanded_tensor_is_refused_before_anything_is_allocated(tmp_path):
+    state = released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30,))
+    # a stride-0 view: 4 bytes of storage that any copy turns into 4 GB
+    state["module.prototypes.weight"] = torch.zeros(1).expand(2**15, 2**15)
+    path = tmp_path / "release.pth"
+    torch.save(state, path)
+    assert path.stat().st_size < 50_000_000
+    with pytest.raises(ValueError, match=r"'module.prototypes.weight' claims \(32768, 32768\) values but its storage"):
+        load_official_checkpoint(path, arch="resnet18")
+
+
+def test_an_exported_backbone_is_readable_by_everyone_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    target = tmp_path / "backbone.pt"
+    export_backbone(swav_resnet18(), target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # colleagues on a shared cluster can read it
+    before = target.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2304 vs 2198")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"no space left on the device to write '.*backbone.pt' \(the file there") as info:
+        export_backbone(swav_resnet18(), target)
+    assert info.value.errno == errno.ENOSPC
+    assert target.read_bytes() == before  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["backbone.pt"]  # no temporary file left

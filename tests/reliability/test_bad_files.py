@@ -62,7 +62,7 @@ BAD_FILES = {
     "runs code at the top": (lambda data, ckpt, marker: RunsCode(marker), "refused without running"),
     "another model": (
         lambda data, ckpt, marker: _replace(ckpt, "model", {"w": torch.zeros(3)}),
-        "holds another model than --arch resnet18",
+        "holds another model than --arch small_resnet",
     ),
     "not a checkpoint of the script": (lambda data, ckpt, marker: {"model": {}}, "is not a checkpoint of this script"),
     "queue of another feat_dim": (

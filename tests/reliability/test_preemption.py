@@ -24,7 +24,6 @@ from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "3", "--queue-length", "32", "--epoch-queue-starts", "0"]
-TINY += ["--arch", "small_resnet"]  # the main job's network: these tests are about the run, not the model
 
 
 def checkpoints(output: Path) -> list[Path]:

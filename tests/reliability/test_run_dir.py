@@ -80,7 +80,7 @@ def test_a_lock_deleted_under_a_running_run_stops_it_before_its_next_write(tmp_p
         process.kill()
         process.wait()
         process.stderr.close()
-    assert "was removed or replaced while this run held it" in error and "Traceback" not in error
+    assert "was removed, replaced or taken over while this run held it" in error and "Traceback" not in error
 
 
 @pytest.mark.parametrize("kind", ["symbolic link", "directory"])
@@ -184,3 +184,17 @@ def test_a_log_file_gets_the_epoch_lines_and_no_progress_bar(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 1/2: loss" in result.stdout and "epoch 2/2: loss" in result.stdout
     assert "\r" not in result.stderr and "it/s" not in result.stderr  # no per-iteration progress lines
+
+
+def test_a_lock_taken_over_in_place_by_another_process_is_seen_before_a_write(tmp_path: Path):
+    from swav_config import ExampleError
+
+    lock = tmp_path / run_dir.LOCK_NAME
+    lock.write_text(f"{os.getpid()}\nthis-host\n")
+    inode = lock.stat().st_ino
+    assert run_dir.verify_lock(lock, inode, holder=os.getpid())
+    with open(lock, "r+") as same_file:  # the same file (inode), rewritten by a run that took it over
+        same_file.write("4242424\nother-host\n")
+    assert lock.stat().st_ino == inode
+    with pytest.raises(ExampleError, match="removed, replaced or taken over while this run held it"):
+        run_dir.verify_lock(lock, inode, holder=os.getpid())

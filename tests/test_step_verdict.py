@@ -191,3 +191,23 @@ def test_an_engine_of_the_users_own_reads_the_last_verdict_at_the_end_of_the_epo
     engine = Engine(swav_training_step(model, optimizer_of(model, "fused"), SwAVLoss()))
     with pytest.raises(ValueError, match=r"in scores\[0\]"):
         engine.run(batches(3, bad=(2,)), max_epochs=1)
+
+
+def test_float16_with_grad_scaler_steady_steps_wait_0_times_with_a_fused_optimizer_and_once_otherwise():
+    quiet = {"amp_mode": "amp", "amp_dtype": torch.float16, "scaler": True}
+    counts = {}
+    for kind in ("fused", "plain"):
+        trainer, model, optimizer, handler = trainer_of(kind, output_transform=lambda *args: None, **quiet)
+        counted, counter = [], {}
+        trainer.add_event_handler(
+            Events.ITERATION_STARTED, lambda _: counter.update(mode=DispatchCounter().__enter__())
+        )
+
+        def stop(_, counter=counter, counted=counted):
+            counter["mode"].__exit__(None, None, None)
+            counted.append(counter["mode"].synchronisations)
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, stop)
+        trainer.run(batches(4), max_epochs=2)
+        counts[kind] = counted[1:]
+    assert counts == {"fused": [0] * 7, "plain": [1] * 7}  # GradScaler reads its found_inf for other optimizers

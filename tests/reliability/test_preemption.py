@@ -69,7 +69,7 @@ def test_sigterm_ends_the_run_with_a_checkpoint_and_exit_75_and_the_resume_is_bi
     assert json.loads((output / "results.json").read_text())["status"] == "finished"
 
 
-def test_sigusr1_to_the_launcher_of_two_processes_stops_both_with_one_checkpoint_and_the_run_resumes(tmp_path: Path):
+def test_sigusr1_to_the_launcher_of_two_processes_stops_both_at_one_iteration_with_one_checkpoint(tmp_path: Path):
     output = tmp_path / "two"
     two = ["--nproc-per-node", "2", "--backend", "gloo", "--epochs", "3"]
     process = start([*TINY, *two, "--output-dir", str(output)])
@@ -82,9 +82,8 @@ def test_sigusr1_to_the_launcher_of_two_processes_stops_both_with_one_checkpoint
     newest = torch.load(checkpoints(output)[-1], weights_only=True)
     assert newest["trainer"]["iteration"] == stopped["iteration"]
     assert newest["queue_handler"]["queue"].shape[1] == 32  # the queue of both processes
-    resumed = start([*TINY, *two, "--output-dir", str(output), "--resume-from", "auto"])
-    assert resumed.wait(timeout=240) == 0, resumed.communicate()[1][-3000:]
-    assert json.loads((output / "results.json").read_text())["epochs"] == 3
+    assert not (output / train_swav.LOCK_NAME).exists()
+    # (its resume on 2 processes is the resume of any mid-epoch checkpoint: tests/reliability/test_resume.py)
 
 
 def test_sigint_is_one_line_and_exit_130(tmp_path: Path):

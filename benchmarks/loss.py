@@ -7,6 +7,7 @@ Interleaved, in one process, on the same inputs; prints medians.
     python benchmarks/loss.py                      # the reference case: batch 64, 2+6 crops, K 3000, queue 3840
     python benchmarks/loss.py --grid               # batch {32, 64, 256} x queue {0, 3840, 16384} x K {512, 3000}
     python benchmarks/loss.py --against dac2513    # beside the loss before the crops were batched (issue 22)
+    python benchmarks/loss.py --epsilon 0.03 --against 1e28175  # the main job's epsilon, before float32 (issue 28)
 """
 
 from __future__ import annotations
@@ -119,13 +120,16 @@ def time_case(
 
 
 def main() -> None:
+    global EPSILON  # the candidates read it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", action="store_true", help="the whole grid instead of the reference case")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--verbose", action="store_true", help="print the loss values too")
     parser.add_argument("--against", metavar="COMMIT", help="also time SwAVLoss as it was at this git commit")
+    parser.add_argument("--epsilon", type=float, default=EPSILON, help=f"Sinkhorn epsilon (default {EPSILON})")
     args = parser.parse_args()
+    EPSILON = args.epsilon
     candidates: dict[str, Callable] = {"ignite-swav": ours(), "paper loop": paper_loop}
     if args.against:
         candidates[f"@{args.against}"[:12]] = ours(load_package_at(args.against).SwAVLoss)
@@ -133,7 +137,7 @@ def main() -> None:
     if lightly is not None:
         candidates["lightly"] = lightly
     print(describe(args.device))
-    print("one forward+backward, 2+6 crops, feat_dim 128, median of", args.repeats, "runs (ms)")
+    print(f"one forward+backward, 2+6 crops, feat_dim 128, epsilon {EPSILON}, median of {args.repeats} runs (ms)")
     cases = list(itertools.product((32, 64, 256), (0, 3840, 16384), (512, 3000))) if args.grid else [(64, 3840, 3000)]
     header = f"{'batch':>5} {'queue':>6} {'K':>5} " + " ".join(f"{name:>12}" for name in candidates)
     print(header + "   max |loss difference|")

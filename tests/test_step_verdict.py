@@ -200,7 +200,7 @@ def test_float16_with_grad_scaler_steady_steps_wait_0_times_with_a_fused_optimiz
         trainer, model, optimizer, handler = trainer_of(kind, output_transform=lambda *args: None, **quiet)
         counted, counter = [], {}
         trainer.add_event_handler(
-            Events.ITERATION_STARTED, lambda _: counter.update(mode=DispatchCounter().__enter__())
+            Events.ITERATION_STARTED, lambda _, counter=counter: counter.update(mode=DispatchCounter().__enter__())
         )
 
         def stop(_, counter=counter, counted=counted):

@@ -18,7 +18,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_swav import DurableDiskSaver, load_checkpoint_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
 def save_forever(dirname: Path, durable: bool) -> None:
@@ -61,7 +61,7 @@ def kills_without_a_checkpoint(tmp_path: Path, kills: int, durable: bool, seed: 
         while not any(dirname.glob("*.pt")):  # the run has written its first checkpoint
             assert time.monotonic() < deadline, "the saving process wrote nothing"
             time.sleep(0.001)
-        time.sleep(chance.uniform(0, 0.03))
+        time.sleep(chance.uniform(0, 0.015))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         lost += not loadable(dirname)

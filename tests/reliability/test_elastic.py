@@ -20,7 +20,7 @@ import torch
 from helpers import TINY_EXAMPLE_ARGS
 from spawned import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.soak]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = [*TINY_EXAMPLE_ARGS, "--max-iters-per-epoch", "3", "--queue-length", "32", "--epoch-queue-starts", "0"]
 
@@ -31,8 +31,8 @@ def agent(port: int, output: Path, log: Path) -> subprocess.Popen:
         torchrun or "torchrun",
         "--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "3",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "elastic-test",
-        # the first round waits 5 s for the second agent; a node that left is seen in 2 s, not torchrun's 15
-        "--rdzv-conf", "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2,join_timeout=120",
+        # the first round waits 3 s for the second agent; a node that left is seen in 2 s, not torchrun's 15
+        "--rdzv-conf", "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2,join_timeout=120",
         str(EXAMPLES / "train_swav.py"), *TINY, "--epochs", "3", "--output-dir", str(output), "--resume-from", "auto",
     ]  # fmt: skip
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -69,6 +69,7 @@ def test_sigterm_ends_the_run_with_a_checkpoint_and_exit_75_and_the_resume_is_bi
     assert json.loads((output / "results.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.soak
 def test_sigusr1_to_the_launcher_of_two_processes_stops_both_at_one_iteration_with_one_checkpoint(tmp_path: Path):
     output = tmp_path / "two"
     two = ["--nproc-per-node", "2", "--backend", "gloo", "--epochs", "3"]
@@ -117,6 +118,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.soak
 def test_training_processes_stop_when_their_launcher_dies_even_ignoring_sigint(tmp_path: Path):
     output = tmp_path / "orphans"
     argv = [*TINY, "--nproc-per-node", "2", "--backend", "gloo", "--epochs", "30", "--output-dir", str(output)]

@@ -67,6 +67,7 @@ def test_the_steps_graph_breaks_are_torchs_own_never_in_the_librarys_code():
     assert explained.graph_break_count <= 3, explained.break_reasons
 
 
+@pytest.mark.soak  # inductor compiles for about 40 s on 2 cores
 def test_compile_model_trains_and_the_compiled_loss_equals_the_eager_one():
     model = tiny_swav_model()
     loss_fn = SwAVLoss(epsilon=0.02)

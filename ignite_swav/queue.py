@@ -36,7 +36,8 @@ def _is_last_iteration(engine: Engine) -> bool:
     state = engine.state
     if state.epoch_length and state.iteration % state.epoch_length == 0:
         return True
-    return bool(engine.should_terminate) or (state.max_iters is not None and state.iteration >= state.max_iters)
+    max_iters = getattr(state, "max_iters", None)  # Ignite 0.5.1 has no max_iters
+    return bool(engine.should_terminate) or (max_iters is not None and state.iteration >= max_iters)
 
 
 class SwAVQueueHandler(Serializable):

@@ -18,7 +18,13 @@ from torch.optim import Optimizer
 
 from ignite_swav._distributed import all_reduce, check_same_on_every_rank, values_by_rank
 from ignite_swav._validation import check_int, device_type_of, resolve_autocast_dtype
-from ignite_swav._verdict import HostCopy, StateGuard, nonfinite_gradients
+from ignite_swav._verdict import (
+    StateGuard,
+    Verdicts,
+    fill_momentum_buffers,
+    poison_gradients_where,
+    skips_on_device,
+)
 from ignite_swav.decode import decode_images, is_encoded_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
@@ -35,27 +41,27 @@ class _AgreedStop:
 
     def __init__(self, process_function: Callable[[Engine, Any], Any]) -> None:
         super().__init__(process_function)  # type: ignore[call-arg]
-        self._stop_request: bool | str = False
+        self.stop_request: bool | str = False
 
     def terminate(self, skip_completed: bool = False) -> None:
         if idist.get_world_size() > 1:
-            self._stop_request = "skip_completed" if skip_completed else (self._stop_request or True)
+            self.stop_request = "skip_completed" if skip_completed else (self.stop_request or True)
             return
         Engine.terminate(cast(Engine, self), skip_completed)
 
-    def _stop(self, code: float) -> None:
+    def carry_out_stop(self, code: float) -> None:
         """Carry out a stop every process agreed on (``code`` 2: without ``COMPLETED``)."""
-        self._stop_request = False
+        self.stop_request = False
         Engine.terminate(cast(Engine, self), skip_completed=code >= 2)
 
     def _agree_on_stop(self, _: Any = None) -> None:
         """``EPOCH_STARTED``: the requests of every process, combined (one all-reduce and one read per epoch)."""
         if idist.get_world_size() == 1:
             return
-        code = 2.0 if self._stop_request == "skip_completed" else 1.0 if self._stop_request else 0.0
+        code = 2.0 if self.stop_request == "skip_completed" else 1.0 if self.stop_request else 0.0
         agreed = float(all_reduce(torch.tensor([code], device=idist.device()), op="MAX").item())
         if agreed:
-            self._stop(agreed)
+            self.carry_out_stop(agreed)
 
 
 class _SwAVEngine(_AgreedStop, Engine):
@@ -549,7 +555,7 @@ def swav_training_step(
     guard = StateGuard(model, extra=[prototype_weight])
     parameters = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): name for name, p in model.named_parameters()}
-    verdicts = _Verdicts(loss_fn, guard, [names.get(id(p), "?") for p in parameters])
+    verdicts = Verdicts(loss_fn, guard, [names.get(id(p), "?") for p in parameters])
     window: dict[str, Tensor] = {}
     engines_read: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -591,12 +597,12 @@ def swav_training_step(
                 for parameter in prototype_layer.parameters():
                     parameter.grad = None
             if scaler is not None:
-                _fill_momentum_buffers(optimizer)
-                _poison_gradients_where(window["refused"], parameters)  # GradScaler then skips the update itself
+                fill_momentum_buffers(optimizer)
+                poison_gradients_where(window["refused"], parameters)  # GradScaler then skips the update itself
                 scaler.step(optimizer)
                 scaler.update()
                 verdicts.defer(step)
-            elif _skips_on_device(optimizer):
+            elif skips_on_device(optimizer):
                 optimizer.found_inf = window["refused"].float()  # type: ignore[attr-defined]  # as GradScaler passes it
                 optimizer.step()
                 # None rather than del (torch.compile loses an attribute set and deleted in one frame), and no
@@ -612,130 +618,6 @@ def swav_training_step(
 
     update.settle = verdicts.settle_previous  # type: ignore[attr-defined]  # for the engine's epoch and run ends
     return update
-
-
-def _skips_on_device(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step()`` skips its update when given a ``found_inf`` flag, as torch's fused SGD, Adam and
-    AdamW do for GradScaler (no host synchronisation), and can do so now."""
-    fused = isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) and all(
-        group.get("fused") for group in optimizer.param_groups
-    )
-    return fused and _fill_momentum_buffers(optimizer)
-
-
-def _fill_momentum_buffers(optimizer: Optimizer) -> bool:
-    """Before a fused SGD's first step that may be skipped: zero momentum buffers (torch creates them uninitialised
-    in that step, and a skipped step leaves them so). With dampening 0 a zero buffer gives exactly the first
-    step's update; returns False when that does not hold (dampening), so that the step is decided on the host."""
-    if not isinstance(optimizer, torch.optim.SGD):
-        return True
-    for group in optimizer.param_groups:
-        if group["momentum"] == 0 or not group.get("fused"):
-            continue
-        missing = [p for p in group["params"] if optimizer.state.get(p, {}).get("momentum_buffer") is None]
-        if missing and group["dampening"] != 0:
-            return False
-        for parameter in missing:
-            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
-    return True
-
-
-@torch.no_grad()
-def _poison_gradients_where(refused: Tensor, parameters: list[nn.Parameter]) -> None:
-    """Make the smallest gradient infinite where ``refused`` (on the device), so that GradScaler skips the step."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:
-        smallest = min(grads, key=lambda g: g.numel())
-        smallest.add_(torch.where(refused, float("inf"), 0.0).to(smallest.dtype))
-
-
-class _Step:
-    """One step's verdict: its flags over all processes (the loss's checks, the gradients', a stop request), the
-    loss's pending push, and this process's per-parameter gradient flags (for the message)."""
-
-    def __init__(self, flags: Tensor, pending: Any, gradient_flags: Tensor | None, loss_fn: SwAVLoss) -> None:
-        self.flags, self.pending, self.gradient_flags, self.loss_fn = flags, pending, gradient_flags, loss_fn
-        self.refused = flags[:_STOP].any()
-        self.counted = 0
-
-    def commit(self) -> None:
-        """Push the loss's embeddings into the queue where the step is accepted (decided on the device)."""
-        self.counted = self.loss_fn._commit(self.pending, self.refused.logical_not())
-
-
-_STOP = -1  # the flags' last entry: 0, or a stop asked for by a process (1; 2 with skip_completed)
-
-
-class _Verdicts:
-    """The training step's verdicts: decided on the device, read on the host at once (an optimizer that cannot skip
-    its update on the device) or one step later, or at the end of the epoch or run at the latest."""
-
-    def __init__(self, loss_fn: SwAVLoss, guard: StateGuard, names: list[str]) -> None:
-        self.loss_fn, self.guard, self.names = loss_fn, guard, names
-        self._pending: tuple[_Step, HostCopy] | None = None
-        self._constants: dict[torch.device, Tensor] = {}
-
-    def decide(self, engine: Engine, loss_fn: SwAVLoss, parameters: list[nn.Parameter] | None) -> _Step:
-        pending = loss_fn._take_pending()
-        assert pending is not None, "the step called its loss with check_finite=False just before"
-        device = pending.flags.device
-        if device not in self._constants:
-            self._constants[device] = torch.tensor([0.0, 1.0, 2.0], device=device)
-        gradient_flags = nonfinite_gradients(parameters) if parameters is not None else None
-        bad_gradients = (
-            gradient_flags.any().float().to(device).view(1)
-            if gradient_flags is not None and gradient_flags.numel()
-            else self._constants[device][:1]
-        )
-        request = getattr(engine, "_stop_request", False)
-        code = 2 if request == "skip_completed" else 1 if request else 0
-        stop = self._constants[device][code : code + 1]
-        flags = torch.cat([pending.flags, bad_gradients, stop])
-        if idist.get_world_size() > 1:
-            flags = all_reduce(flags, op="MAX")
-        step = _Step(flags, pending, gradient_flags, loss_fn)
-        self.guard.restore_where(step.refused)
-        return step
-
-    def defer(self, step: _Step) -> None:
-        self._pending = (step, HostCopy(step.flags))
-        last = self.loss_fn.last_step
-        if last is not None:
-            self.loss_fn.last_step = last._replace(accepted=step.refused.logical_not())
-
-    def settle_previous(self, engine: Engine) -> None:
-        """Read the deferred verdict (if any): raise its error, or stop the run on every process if asked."""
-        if self._pending is not None:
-            step, host = self._pending
-            self._pending = None
-            self._act(engine, step, host.values())
-
-    def settle(self, engine: Engine, step: _Step) -> None:
-        """Read this step's verdict now (a wait for the device)."""
-        self._pending = None
-        last = self.loss_fn.last_step
-        if last is not None:
-            self.loss_fn.last_step = last._replace(accepted=step.refused.logical_not())
-        self._act(engine, step, [float(v) for v in step.flags.tolist()])
-
-    def _act(self, engine: Engine, step: _Step, values: list[float]) -> None:
-        if any(values[:_STOP]):
-            self.guard.restore()  # a step under way when an earlier one is found bad: it changes nothing either
-            if any(values[:4]):  # the loss's own checks: its message names the crop (a collective: every rank is here)
-                self.loss_fn._refuse(step.pending, step.counted)
-            raise ValueError(self._gradient_message(step))
-        if values[_STOP] and isinstance(engine, _AgreedStop):
-            engine._stop(values[_STOP])
-
-    def _gradient_message(self, step: _Step) -> str:
-        flags = step.gradient_flags
-        bad = [n for n, f in zip(self.names, flags.tolist() if flags is not None else []) if f]
-        where = f"in {', '.join(bad[:3])}{' and others' if len(bad) > 3 else ''}" if bad else "on another process"
-        return (
-            f"non-finite gradients (NaN or inf) {where}: the step was refused before the optimizer changed any weight "
-            "(the model's output was finite); lower the learning rate, clip the gradients, or train without "
-            "autocast (bfloat16's range is float32's but its precision is 3 digits)"
-        )
 
 
 def _embeddings_and_scores(y_pred: Any) -> tuple[list[Tensor], list[Tensor]]:

@@ -45,6 +45,11 @@ def outcome(function, *args) -> str:
         return f"{type(error).__name__}: {error}"
 
 
+def scenario(name: str) -> None:
+    """Say which scenario a process enters: the output of a group that hangs names where."""
+    print(f"rank {idist.get_rank()}: {name}", flush=True)
+
+
 def record(out: str, results: dict) -> None:
     (Path(out) / f"rank{idist.get_rank()}.json").write_text(json.dumps(results))
 
@@ -72,6 +77,7 @@ def crops_of(rank: int, count: int, labels: bool = False) -> list:
 def _library_pieces_worker(rank: int, out: str) -> None:
     results = {}
 
+    scenario("probe label")
     # a bad label in the third batch of rank 1 only: one error, on both ranks, at the epoch's end
     trainer, model, *_ = small_trainer(rank)
     probe = OnlineLinearProbe(model.module.backbone, num_classes=3)
@@ -82,6 +88,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
     results["probe"] = outcome(trainer.run, data, 1)
     results["probe_iteration"] = trainer.state.iteration
 
+    scenario("health monitor without a step")
     # the health monitor on a rank that saw no step of the epoch: both ranks combine the other's figures
     loss_fn = SwAVLoss()
     monitor = SwAVHealthMonitor(loss_fn)
@@ -95,6 +102,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
     monitor.completed(engine)
     results["health"] = sorted((k, round(v, 6)) for k, v in engine.state.metrics.items())
 
+    scenario("clusters of padding")
     # clusters with one image in all: rank 1's shard is the DistributedSampler's padding only
     model = tiny_swav_model(seed=1)
     images = TensorDataset(torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)), torch.zeros(1))
@@ -106,6 +114,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
         nan_images[2, 0, 0, 0] = float("nan")
     results["nan_image"] = outcome(assign_clusters, model, [nan_images], None, True)
 
+    scenario("k-NN empty shard")
     # k-NN whose reference shard is empty on rank 1
     torch.manual_seed(0)
     backbone = torch.nn.Linear(4, 6)
@@ -116,6 +125,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
     results["knn_empty_shard"] = outcome(lambda: evaluator.run(heldout[rank : rank + 1]).metrics["knn_top1"])
     results["knn_nothing"] = outcome(lambda: create_knn_evaluator(backbone, [], k=5).run(heldout).metrics)
 
+    scenario("BatchNorm on uneven shards")
     # BatchNorm statistics on uneven shards (3 batches and 1): the average over all batches, as on one process
     bn = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
     torch.manual_seed(11)
@@ -128,6 +138,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
         torch.allclose(recalibrated[0].running_var, one_process[0].running_var, atol=1e-6),
     ]
 
+    scenario("uneven epochs")
     # epochs of another length on each rank: refused when the run starts, on both ranks
     trainer, *_ = small_trainer(rank)
     results["uneven_epochs"] = outcome(trainer.run, crops_of(rank, 3 if rank == 0 else 2), 1)
@@ -135,7 +146,7 @@ def _library_pieces_worker(rank: int, out: str) -> None:
 
 
 def test_every_library_piece_agrees_on_its_errors_and_works_on_a_rank_with_nothing(tmp_path: Path):
-    run_group(_library_pieces_worker, tmp_path, timeout=120)
+    run_group(_library_pieces_worker, tmp_path, timeout=60)
     rank0, rank1 = records(tmp_path)
     for key in rank0:
         assert rank0[key] == rank1[key], f"{key}: rank 0 {rank0[key]!r}, rank 1 {rank1[key]!r}"
@@ -169,6 +180,7 @@ def _stop_worker(rank: int, out: str) -> None:
     results["first_use"] = first_use
     stopped_queue = handler.queue.clone()
 
+    scenario("resume of the stop")
     # the resume, into new objects, from the file rank 0 wrote: the queue of the stop back on its rank
     idist.barrier()  # rank 0 has written it
     trainer, model, optimizer, handler = small_trainer(rank)
@@ -179,6 +191,7 @@ def _stop_worker(rank: int, out: str) -> None:
     trainer.run(crops_of(rank, 4), max_epochs=3)
     results["resumed_to"] = trainer.state.iteration
 
+    scenario("max_iters and COMPLETED")
     # run(max_iters=...) ending mid-epoch, a Checkpoint on COMPLETED on rank 0 only: the queue of that iteration
     trainer, model, optimizer, handler = small_trainer(rank)
     if rank == 0:
@@ -231,8 +244,8 @@ def _reshard_resume_worker(rank: int, out: str) -> None:
 
 @pytest.mark.soak
 def test_a_queue_resharded_from_2_processes_to_3_comes_into_use_at_the_same_iteration_on_each(tmp_path: Path):
-    run_group(_reshard_save_worker, tmp_path, timeout=120)
-    run_group(_reshard_resume_worker, tmp_path, nproc=3, timeout=120)
+    run_group(_reshard_save_worker, tmp_path)
+    run_group(_reshard_resume_worker, tmp_path, nproc=3)
     rank0, rank1, rank2 = records(tmp_path, 3)
     assert rank0 == rank1 == rank2, (rank0, rank1, rank2)
     assert rank0["local_rows"] == 8

@@ -139,3 +139,20 @@ def test_training_processes_stop_when_their_launcher_dies_even_ignoring_sigint(t
     assert {p.name for p in checkpoints(output)} <= written | {
         max(written, key=lambda n: int(n[:-3].rsplit("_", 1)[1]))
     }
+
+
+@pytest.mark.soak
+def test_a_training_process_killed_by_sigkill_is_one_line_and_exit_1(tmp_path: Path):
+    output = tmp_path / "killed"
+    process = start(
+        [*TINY, "--nproc-per-node", "2", "--backend", "gloo", "--epochs", "30", "--output-dir", str(output)]
+    )
+    wait_for_a_checkpoint(process, output, timeout=180)
+    workers = [
+        pid for pid in children_of(process.pid) if "python" in (Path("/proc") / str(pid) / "cmdline").read_text()
+    ]
+    os.kill(max(workers), signal.SIGKILL)  # one of the two training processes (out of memory, say)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "terminated with signal SIGKILL; the checkpoints are kept: continue with --resume-from auto" in stderr

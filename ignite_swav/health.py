@@ -68,6 +68,7 @@ def diagnose(
     min_improvement: float = 0.01,
     queue_rise: float = 0.05,
     queue_window: int = 2,
+    uniform_entropy: float = 0.99,
 ) -> CollapseReport | None:
     """The collapse report for the last epoch of ``history``, or ``None`` when it looks healthy (or an alarm of
     the same episode was given already).
@@ -79,7 +80,10 @@ def diagnose(
     - **collapse signature**: ``code_entropy >= entropy_threshold`` and ``loss_over_lnk >= loss_threshold``.
       A network at random initialisation shows it too, so it alarms only when it *persists without
       improving* (it held in the previous epoch as well and the loss fell by less than ``min_improvement`` x
-      ln K) or *appears* after an epoch without it. Once per episode: no new alarm until an epoch without it.
+      ln K) or *appears* after an epoch without it. A loss at or above ln K with codes of at least
+      ``uniform_entropy`` counts as not improving however fast it falls: against uniform codes the loss cannot go
+      below ln K, so its fall is the predictions turning uniform too (the collapse settling), not learning. Once
+      per episode: no new alarm until an epoch without it.
     - **queue rise**: in the first ``queue_window`` epochs whose codes used the queue, ``loss_over_lnk`` rose by
       ``queue_rise`` or more above the last epoch before the queue. Once per run.
 
@@ -114,10 +118,11 @@ def diagnose(
                 break
             episode_alarmed = episode_alarmed or bool(record.get("alarm"))
         came_back = any(not signature(r) for r in before)
+        settling = now["code_entropy"] >= uniform_entropy and now["loss_over_lnk"] >= 1.0
         stuck = (
             bool(before)
             and signature(before[-1])
-            and now["loss_over_lnk"] > before[-1]["loss_over_lnk"] - min_improvement
+            and (settling or now["loss_over_lnk"] > before[-1]["loss_over_lnk"] - min_improvement)
         )
         if not episode_alarmed and ((came_back and not signature(before[-1])) or stuck):
             how = (
@@ -178,6 +183,8 @@ class SwAVHealthMonitor(Serializable):
         queue_rise: rise of ``loss_over_lnk`` after the queue came in that counts as the queue's fault (> 0).
         queue_window: epochs after the queue came in during which a rise is blamed on it (>= 1).
         logger: where the warning goes; default ``logging.getLogger("ignite_swav.health")``.
+        uniform_entropy: ``code_entropy`` at or above which the codes count as uniform, so that a loss at or above
+            ln K is not improvement (0-1; see :func:`diagnose`).
 
     Example:
         >>> import torch
@@ -205,6 +212,7 @@ class SwAVHealthMonitor(Serializable):
         queue_rise: float = 0.05,
         queue_window: int = 2,
         logger: logging.Logger | None = None,
+        uniform_entropy: float = 0.99,
     ) -> None:
         if not isinstance(loss_fn, SwAVLoss):
             raise TypeError(f"loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
@@ -214,6 +222,7 @@ class SwAVHealthMonitor(Serializable):
         self.min_improvement = _fraction("min_improvement", min_improvement, upper=1.0, zero=True)
         self.queue_rise = _fraction("queue_rise", queue_rise, upper=None)
         self.queue_window = check_int("queue_window", queue_window, 1)
+        self.uniform_entropy = _fraction("uniform_entropy", uniform_entropy, upper=1.0)
         if logger is not None and not isinstance(logger, logging.Logger):
             raise TypeError(f"logger must be a logging.Logger, got {type(logger).__name__}")
         self.logger = logger or logging.getLogger("ignite_swav.health")
@@ -318,6 +327,7 @@ class SwAVHealthMonitor(Serializable):
             self.min_improvement,
             self.queue_rise,
             self.queue_window,
+            self.uniform_entropy,
         )
         if report is not None:
             self.history[-1]["alarm"] = True

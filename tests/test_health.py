@@ -117,6 +117,49 @@ def test_forced_collapse_raises_the_event_within_two_epochs_and_warns_once(caplo
     assert positions == sorted(positions)
 
 
+class ConstantBackbone(nn.Module):
+    """Features that are the same vector for every image (a dead backbone): whatever the head, the embeddings are
+    identical, the codes exactly uniform, and the loss above ln K while the prototypes predict unevenly."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Parameter(torch.randn(width))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features.expand(images.shape[0], -1) + 0 * images.mean()
+
+
+class LinearHead(nn.Module):
+    def __init__(self, width: int, dim: int) -> None:
+        super().__init__()
+        self.linear, self.out_dim = nn.Linear(width, dim), dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(features), dim=1)
+
+
+@pytest.mark.parametrize("head", ["standard", "linear"])
+def test_a_collapse_whose_loss_falls_to_ln_k_from_above_is_flagged_within_two_epochs(head):
+    """The textbook collapse: constant features, uniform codes, prototypes that keep learning pull the loss down
+    to ln K from above; that fall is the collapse settling, not learning."""
+    from ignite_swav import SwAVProjectionHead
+
+    torch.manual_seed(3)
+    projection = SwAVProjectionHead(16, 32, 8) if head == "standard" else LinearHead(16, 8)
+    model = SwAVModel(ConstantBackbone(16), projection, SwAVPrototypes(8, 20))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn)
+    monitor = SwAVHealthMonitor(loss_fn)
+    monitor.attach(trainer)
+    alarms = []
+    trainer.add_event_handler(SwAVEvents.COLLAPSE_SUSPECTED, lambda e: alarms.append(e.state.collapse_report))
+    trainer.run(image_crops(), max_epochs=3)
+    losses = [r["loss_over_lnk"] for r in monitor.history]
+    assert losses[0] > 1.05 and losses[1] < losses[0] - 0.01, losses  # above ln K, and falling
+    assert all(r["code_entropy"] > 0.999 for r in monitor.history)
+    assert [a.epoch for a in alarms] == [2] and alarms[0].kind == "collapse"
+
+
 def test_a_healthy_run_raises_nothing(caplog):
     with caplog.at_level(logging.WARNING, logger="ignite_swav.health"):
         per_epoch, alarms, _ = run(Distinct(8), epochs=4)
@@ -181,6 +224,11 @@ def test_diagnose_rules_on_histories():
     assert diagnose([*late, record(5, 0.5, 0.6, queue_used=True)]) is None
     # thresholds are the caller's
     assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)], entropy_threshold=0.99) is None
+    # uniform codes and a loss falling to ln K from above: the collapse settling, at once
+    settling = [record(1, 1.0, 1.58, usage=0.3), record(2, 1.0, 1.07, usage=0.2)]
+    assert diagnose(settling).kind == "collapse"
+    assert diagnose([record(1, 0.96, 1.58), record(2, 0.96, 1.07)]) is None  # not uniform: a fall is learning
+    assert diagnose([record(1, 1.0, 1.2), record(2, 1.0, 0.98)]) is None  # below ln K: not uniform predictions
 
 
 def test_the_history_is_saved_and_restored():

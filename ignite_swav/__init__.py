@@ -14,6 +14,7 @@ from ignite_swav.preemption import PreemptionHandler
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
+from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
 from ignite_swav.transforms import multicrop_collate as multicrop_collate  # deprecated name, kept until 0.3
@@ -39,6 +40,7 @@ __all__ = [
     "SwAVQueueHandler",
     "__version__",
     "assign_clusters",
+    "check_settings",
     "collate_crops",
     "collate_images",
     "create_knn_evaluator",

@@ -28,6 +28,7 @@ from ignite_swav._verdict import (
 from ignite_swav.decode import decode_images, is_encoded_batch
 from ignite_swav.events import SwAVEvents
 from ignite_swav.loss import SwAVLoss
+from ignite_swav.settings import check_settings
 
 __all__ = ["create_swav_trainer", "prepare_image_batch", "prepare_multicrop_batch", "swav_training_step"]
 
@@ -398,6 +399,8 @@ def create_swav_trainer(
     # first on their events: a stop is agreed before the epoch's handlers run, and the last step's verdict is read
     # before any handler (a checkpoint) of the epoch's or the run's end looks at the model
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
+    prototype_count = _prototype_weight(cast(nn.Module, prototypes or _find_prototypes(model))).shape[0]
+    engine.add_event_handler(Events.STARTED, _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters))
     engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
     attach_verdict_reads(engine, update)
     engine.register_events(*SwAVEvents)
@@ -405,6 +408,35 @@ def create_swav_trainer(
     if grad_scaler is not None:
         engine.state.scaler = grad_scaler  # type: ignore[attr-defined]  # as Ignite does, for checkpoints
     return engine
+
+
+class _SettingsWarnings:
+    """``STARTED``: the known-bad settings of the run (:func:`~ignite_swav.check_settings`), logged once each by rank
+    0, with what the engine knows when the run starts: its loader's batch size and data set, its epochs."""
+
+    def __init__(self, loss_fn: SwAVLoss, num_prototypes: int, freeze_prototypes_iters: int) -> None:
+        self.loss_fn, self.num_prototypes, self.freeze = loss_fn, num_prototypes, freeze_prototypes_iters
+        self.said: set[str] = set()
+
+    def __call__(self, engine: Engine) -> None:
+        loader = engine.state.dataloader
+        batch_size = getattr(loader, "batch_size", None)
+        if not isinstance(batch_size, int):  # not a DataLoader: the batch is not known before the first step
+            return
+        dataset = getattr(loader, "dataset", None)
+        data_length = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+        warnings = check_settings(
+            self.loss_fn,
+            batch_size=batch_size,
+            num_prototypes=self.num_prototypes,
+            data_length=data_length,
+            epochs=engine.state.max_epochs,
+            freeze_prototypes_iters=self.freeze,
+        )
+        for warning in warnings:
+            if warning not in self.said and idist.get_rank() == 0:
+                logging.getLogger("ignite_swav.settings").warning(warning)
+            self.said.add(warning)
 
 
 def _check_epoch_length(engine: Engine) -> None:

@@ -14,6 +14,7 @@ import torch
 from ignite import distributed as idist
 from ignite.base import Serializable
 from ignite.engine import Engine, Events
+from ignite.engine.events import CallableEventWithFilter
 from torch import Tensor
 
 from ignite_swav._distributed import all_reduce, values_by_rank
@@ -129,7 +130,11 @@ def diagnose(
                 "appeared after an epoch without it" if came_back and not signature(before[-1]) else "is not improving"
             )
             return CollapseReport(
-                int(now["epoch"]), "collapse", f"{evidence}; this {how}", queue_recent, _remedies(queue_recent)
+                int(now["epoch"]),
+                "collapse",
+                f"{evidence}; this {how}",
+                queue_recent,
+                _remedies(queue_recent, queue_in_run=first_queue is not None),
             )
     if queue_recent and first_queue is not None and first_queue > 0:
         already = any(r.get("alarm") for r in history[first_queue:-1])
@@ -147,7 +152,11 @@ def diagnose(
     return None
 
 
-def _remedies(queue_first: bool) -> tuple[str, ...]:
+def _remedies(queue_first: bool, queue_in_run: bool = True) -> tuple[str, ...]:
+    """The reference's remedies in order: the queue's first when it is the likely cause, left out when no epoch of
+    the run used a queue (advice about a queue that does not exist yet would mislead)."""
+    if not queue_in_run:
+        return tuple(r for r in _REMEDIES if r != _REMEDIES[1])
     if not queue_first:
         return _REMEDIES
     return (_REMEDIES[1], *[r for r in _REMEDIES if r != _REMEDIES[1]])
@@ -183,6 +192,9 @@ class SwAVHealthMonitor(Serializable):
         queue_rise: rise of ``loss_over_lnk`` after the queue came in that counts as the queue's fault (> 0).
         queue_window: epochs after the queue came in during which a rise is blamed on it (>= 1).
         logger: where the warning goes; default ``logging.getLogger("ignite_swav.health")``.
+        event: when to look (default every epoch); ``Events.ITERATION_COMPLETED(every=N)`` looks at windows of N
+            iterations, for data sets whose epochs are long (the rules then speak of windows, the records keep
+            their epoch and iteration).
         uniform_entropy: ``code_entropy`` at or above which the codes count as uniform, so that a loss at or above
             ln K is not improvement (0-1; see :func:`diagnose`).
 
@@ -213,6 +225,7 @@ class SwAVHealthMonitor(Serializable):
         queue_window: int = 2,
         logger: logging.Logger | None = None,
         uniform_entropy: float = 0.99,
+        event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
     ) -> None:
         if not isinstance(loss_fn, SwAVLoss):
             raise TypeError(f"loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
@@ -223,6 +236,13 @@ class SwAVHealthMonitor(Serializable):
         self.queue_rise = _fraction("queue_rise", queue_rise, upper=None)
         self.queue_window = check_int("queue_window", queue_window, 1)
         self.uniform_entropy = _fraction("uniform_entropy", uniform_entropy, upper=1.0)
+        if not isinstance(event, CallableEventWithFilter):
+            raise TypeError(
+                "event must be an Ignite event such as Events.EPOCH_COMPLETED or "
+                f"Events.ITERATION_COMPLETED(every=500), got {event!r}"
+            )
+        self.event = event
+        self._per_epoch = event.name == Events.EPOCH_COMPLETED.name
         if logger is not None and not isinstance(logger, logging.Logger):
             raise TypeError(f"logger must be a logging.Logger, got {type(logger).__name__}")
         self.logger = logger or logging.getLogger("ignite_swav.health")
@@ -236,7 +256,7 @@ class SwAVHealthMonitor(Serializable):
         :class:`SwAVEvents`. Attach it once, before the loggers that read its metrics."""
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
-        if engine.has_event_handler(self.completed, Events.EPOCH_COMPLETED):
+        if self._engine is engine:
             raise ValueError("this SwAVHealthMonitor is already attached to this engine; attach it only once")
         if self._engine is not None:
             raise ValueError("this SwAVHealthMonitor is already attached to another engine; make one per trainer")
@@ -244,9 +264,10 @@ class SwAVHealthMonitor(Serializable):
         engine.register_events(
             *SwAVEvents
         )  # create_swav_trainer's engine has them already: registering again is harmless
-        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        if self._per_epoch:
+            engine.add_event_handler(Events.EPOCH_STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+        engine.add_event_handler(self.event, self.completed)
 
     def reset(self) -> None:
         """Start the running sums of a new epoch."""
@@ -319,7 +340,10 @@ class SwAVHealthMonitor(Serializable):
             )
             return
         engine.state.metrics.update(metrics)
-        self.history.append({"epoch": engine.state.epoch, **metrics, "queue_used": self._queue_used, "alarm": False})
+        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, **metrics}
+        self.history.append({**record, "queue_used": self._queue_used, "alarm": False})
+        if not self._per_epoch:
+            self.reset()  # the next window of iterations
         report = diagnose(
             self.history,
             self.entropy_threshold,

@@ -111,10 +111,10 @@ def test_forced_collapse_raises_the_event_within_two_epochs_and_warns_once(caplo
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert "collapse suspected at epoch 2" in warnings[0] and "is not improving" in warnings[0]
-    # the remedies, in the reference's order
-    order = ["freeze the prototypes for longer", "shorter queue", "smaller epsilon", "lower the learning rate"]
+    # the remedies, in the reference's order; no queue advice in a run without a queue
+    order = ["freeze the prototypes for longer", "smaller epsilon", "lower the learning rate"]
     positions = [warnings[0].index(text) for text in order]
-    assert positions == sorted(positions)
+    assert positions == sorted(positions) and "queue" not in warnings[0]
 
 
 class ConstantBackbone(nn.Module):
@@ -224,6 +224,10 @@ def test_diagnose_rules_on_histories():
     assert diagnose([*late, record(5, 0.5, 0.6, queue_used=True)]) is None
     # thresholds are the caller's
     assert diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)], entropy_threshold=0.99) is None
+    # the remedies fit the run: queue advice only once a queue came in
+    assert not any("queue" in r for r in diagnose([record(1, 0.96, 1.02), record(2, 0.96, 1.015)]).remedies)
+    with_queue = [record(1, 0.96, 1.02, queue_used=True), record(2, 0.96, 1.015, queue_used=True)]
+    assert any("queue" in r for r in diagnose(with_queue).remedies)
     # uniform codes and a loss falling to ln K from above: the collapse settling, at once
     settling = [record(1, 1.0, 1.58, usage=0.3), record(2, 1.0, 1.07, usage=0.2)]
     assert diagnose(settling).kind == "collapse"
@@ -340,3 +344,19 @@ def _two_rank_worker(rank: int) -> None:
 @pytest.mark.distributed
 def test_two_ranks_get_the_same_metrics():
     idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)
+
+
+def test_the_monitor_can_look_every_n_iterations():
+    torch.manual_seed(0)
+    model = SwAVModel(pooled_backbone(), Constant(8), SwAVPrototypes(8, 20))
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn)
+    monitor = SwAVHealthMonitor(loss_fn, event=Events.ITERATION_COMPLETED(every=2))
+    monitor.attach(trainer)
+    alarms = []
+    trainer.add_event_handler(SwAVEvents.COLLAPSE_SUSPECTED, lambda e: alarms.append(e.state.iteration))
+    trainer.run(image_crops(num_batches=4), max_epochs=1)
+    assert [r["iteration"] for r in monitor.history] == [2, 4]  # two windows of 2 iterations in one epoch
+    assert alarms == [4]  # the collapse, seen in the second window
+    with pytest.raises(TypeError, match="event must be an Ignite event"):
+        SwAVHealthMonitor(loss_fn, event="every 100")

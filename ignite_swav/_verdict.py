@@ -137,8 +137,11 @@ class StepVerdict:
     """One step's verdict: its flags over all processes (the loss's checks, the gradients', a stop request), the
     loss's pending push, and this process's per-parameter gradient flags (for the message)."""
 
-    def __init__(self, flags: Tensor, pending: Any, gradient_flags: Tensor | None, loss_fn: SwAVLoss) -> None:
-        self.flags, self.pending, self.gradient_flags, self.loss_fn = flags, pending, gradient_flags, loss_fn
+    def __init__(
+        self, flags: Tensor, pending: Any, gradient_flags: Tensor | None, gradient_names: list[str], loss_fn: SwAVLoss
+    ) -> None:
+        self.flags, self.pending, self.loss_fn = flags, pending, loss_fn
+        self.gradient_flags, self.gradient_names = gradient_flags, gradient_names
         self.refused = flags[:_STOP].any()
         self.counted = 0
 
@@ -166,6 +169,8 @@ class Verdicts:
         if device not in self._constants:
             self._constants[device] = torch.tensor([0.0, 1.0, 2.0], device=device)
         gradient_flags = nonfinite_gradients(parameters) if parameters is not None else None
+        # the names of the parameters those flags are of (those with a gradient in this step), for the message
+        with_grad = [name for name, p in zip(self.names, parameters or []) if p.grad is not None]
         bad_gradients = (
             gradient_flags.any().float().to(device).view(1)
             if gradient_flags is not None and gradient_flags.numel()
@@ -177,7 +182,7 @@ class Verdicts:
         flags = torch.cat([pending.flags, bad_gradients, stop])
         if idist.get_world_size() > 1:
             flags = all_reduce(flags, op="MAX")
-        step = StepVerdict(flags, pending, gradient_flags, loss_fn)
+        step = StepVerdict(flags, pending, gradient_flags, with_grad, loss_fn)
         self.guard.restore_where(step.refused)
         return step
 
@@ -205,8 +210,9 @@ class Verdicts:
     def _act(self, engine: Engine, step: StepVerdict, values: list[float]) -> None:
         if any(values[:_STOP]):
             self.guard.restore()  # a step under way when an earlier one is found bad: it changes nothing either
+            self.loss_fn._uncount(step.counted)  # its push was skipped on the device
             if any(values[:4]):  # the loss's own checks: its message names the crop (a collective: every rank is here)
-                self.loss_fn._refuse(step.pending, step.counted)
+                self.loss_fn._raise_bad_values(step.pending)
             raise ValueError(self._gradient_message(step))
         carry_out_stop = getattr(engine, "carry_out_stop", None)  # create_swav_trainer's engine
         if values[_STOP] and callable(carry_out_stop):
@@ -214,7 +220,7 @@ class Verdicts:
 
     def _gradient_message(self, step: StepVerdict) -> str:
         flags = step.gradient_flags
-        bad = [n for n, f in zip(self.names, flags.tolist() if flags is not None else []) if f]
+        bad = [n for n, f in zip(step.gradient_names, flags.tolist() if flags is not None else []) if f]
         where = f"in {', '.join(bad[:3])}{' and others' if len(bad) > 3 else ''}" if bad else "on another process"
         return (
             f"non-finite gradients (NaN or inf) {where}: the step was refused before the optimizer changed any weight "

@@ -325,7 +325,8 @@ class SwAVLoss(nn.Module):
         flags = any_flag_on_any_rank(pending.flags) if idist.get_world_size() > 1 else pending.flags
         counted = self._commit(pending, flags.any().logical_not())
         if bool(flags.any()):
-            self._refuse(pending, counted)
+            self._uncount(counted)
+            self._raise_bad_values(pending)
 
     def _take_pending(self) -> _PendingStep | None:
         """The step of the last call, not pushed into the queue yet (``None`` when there is none); a training step
@@ -338,12 +339,10 @@ class SwAVLoss(nn.Module):
         returns how many rows were counted as written on the host."""
         return 0 if pending.queue is None else self._push(pending.queue, pending.pushed_embeddings, valid)
 
-    def _refuse(self, pending: _PendingStep, counted: int) -> None:
-        """Uncount the rows a refused step's push counted (it was skipped on the device) and raise its error. A
-        collective: every rank calls it together, after reading the same verdict."""
+    def _uncount(self, counted: int) -> None:
+        """Uncount the rows a refused step's push counted on the host (the push was skipped on the device)."""
         if self._rows_missing is not None:
             self._rows_missing += counted
-        self._raise_bad_values(pending.all_scores, pending.pushed_embeddings, pending.prototypes)
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The assigned crops' indices and the checks' limits on ``device``, made once (not at every step)."""
@@ -465,7 +464,10 @@ class SwAVLoss(nn.Module):
                 )
         return batch_size
 
-    def _raise_bad_values(self, all_scores: Tensor, embeddings: Tensor, prototypes: Tensor | None) -> None:
+    def _raise_bad_values(self, pending: _PendingStep) -> None:
+        """Raise the error of a refused call, naming the crop and the fix (reads the device; a collective: every rank
+        calls it together, after reading the same verdict)."""
+        all_scores, embeddings, prototypes = pending.all_scores, pending.pushed_embeddings, pending.prototypes
         named = [(f"scores[{v}]", s) for v, s in enumerate(all_scores)]
         named += [(f"embeddings[{c}]", z) for c, z in zip(self.crops_for_assign, embeddings)]
         non_finite = non_finite_on_any_rank([t for _, t in named])

@@ -32,8 +32,10 @@ def optimizer_of(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
-def trainer_of(kind: str = "fused", queue: bool = True, **kwargs):
+def trainer_of(kind: str = "fused", queue: bool = True, unused_parameter: bool = False, **kwargs):
     model = tiny_swav_model(seed=0)
+    if unused_parameter:  # listed before every other, never given a gradient
+        model.backbone.register_parameter("unused", torch.nn.Parameter(torch.zeros(3)))
     optimizer = optimizer_of(model, kind)
     loss_fn = SwAVLoss()
     trainer = create_swav_trainer(model, optimizer, loss_fn, **kwargs)
@@ -119,7 +121,7 @@ class InfiniteGradientOnce:
 
 @pytest.mark.parametrize("kind", ["fused", "plain"])
 def test_non_finite_gradients_are_refused_before_the_optimizer_and_named(kind):
-    trainer, model, optimizer, handler = trainer_of(kind)
+    trainer, model, optimizer, handler = trainer_of(kind, unused_parameter=True)
     hook = InfiniteGradientOnce(model.backbone.conv.weight)
     before = {}
 

@@ -55,6 +55,10 @@ class _AgreedStop:
         self.stop_request = False
         Engine.terminate(cast(Engine, self), skip_completed=code >= 2)
 
+    def _forget_stop(self, _: Any = None) -> None:
+        """``STARTED``: a run starts without the request of an earlier run that ended before agreeing on it."""
+        self.stop_request = False
+
     def _agree_on_stop(self, _: Any = None) -> None:
         """``EPOCH_STARTED``: the requests of every process, combined (one all-reduce and one read per epoch)."""
         if idist.get_world_size() == 1:
@@ -398,6 +402,7 @@ def create_swav_trainer(
     engine = cast(Engine, trainer)
     # first on their events: a stop is agreed before the epoch's handlers run, and the last step's verdict is read
     # before any handler (a checkpoint) of the epoch's or the run's end looks at the model
+    engine.add_event_handler(Events.STARTED, trainer._forget_stop)
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
     prototype_count = _prototype_weight(cast(nn.Module, prototypes or _find_prototypes(model))).shape[0]
     engine.add_event_handler(Events.STARTED, _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters))

@@ -128,3 +128,18 @@ def test_a_missing_file_or_a_checkpoint_of_another_architecture_is_one_line_and_
     assert finetune.main(argv) == 2
     err = capsys.readouterr().err
     assert "does not hold a resnet50 backbone" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_label_efficiency_plot_is_drawn_from_the_runs(tmp_path):
+    import plot_finetune
+
+    files = []
+    for seed in (0, 1):
+        for fraction in (0.01, 0.1, 1.0):
+            run = {"label_fraction": fraction, "seed": seed, "dataset": "mnist5k"}
+            run |= {"top1_swav": 0.9 + fraction / 20, "top1_scratch": 0.5 + fraction / 3, "top1_pixels": 0.6}
+            files.append(tmp_path / f"{seed}_{fraction}.json")
+            files[-1].write_text(json.dumps(run))
+    target = tmp_path / "plot.png"
+    assert plot_finetune.main([*map(str, files), "--output", str(target)]) == 0
+    assert target.stat().st_size > 10_000

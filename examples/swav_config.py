@@ -230,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in CROP_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, list(getattr(preset, key)))
+    args.given = sorted(given)  # the settings the user chose: sizing for the data leaves them as they are
     check_args(args)
     return args
 
@@ -250,6 +251,9 @@ def crop_preset(dataset: str, **overrides: Any) -> Any:
     if dataset == "stl10":
         stl = {"size_crops": (96, 48), "num_crops": (2, 4), "min_scale_crops": (0.14, 0.05)}
         return MultiCropTransform(**(stl | {"max_scale_crops": (1.0, 0.14)} | overrides))
+    size = overrides.get("size_crops", (224,))[0]
+    if size <= 96:  # no blur at this size (sizing.py sizes an ImageFolder of small images so)
+        return MultiCropTransform.for_small_images(size, **overrides)
     return MultiCropTransform(**overrides)
 
 

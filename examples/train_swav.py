@@ -59,6 +59,7 @@ from run_dir import (
     remove_temporary_files,
     verify_lock,
 )
+from sizing import size_and_say
 from swav_config import ExampleError, parse_args, resolved_config
 from swav_data import DataBundle, build_data, require
 from torch import nn
@@ -300,6 +301,7 @@ def prepare(args: argparse.Namespace) -> None:
     if args.resume_from is not None:
         load_resume_checkpoint(args)
     check_output_dir(args.output_dir, args.resume_from)
+    size_and_say(args)  # what the user did not set, from the data set and the machine
     check_batch_fits(args, len(build_data(args).pretrain))  # a missing data set is reported here too
     spawned = (args.nproc_per_node or 1) > 1
     if spawned and args.master_port is None and "MASTER_PORT" not in os.environ:

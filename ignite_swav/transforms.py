@@ -123,6 +123,30 @@ class MultiCropSettings:
         return cls(**(settings | overrides))
 
     @classmethod
+    def for_small_images(cls: type[_Settings], size: int = 64, **overrides: Any) -> _Settings:
+        """Settings for small natural images (64-96 px: Tiny ImageNet, a folder of thumbnails): 2 x ``size`` +
+        4 x ``size // 2`` px crops of 25-100% and 10-25% of the image, colour strength 0.5, no blur.
+
+        ImageNet's small crops (5-14% of the image) are a few pixels at this size, and its blur erases them: the
+        views share nothing the network can see, and SwAV sits at ``ln(K)`` (a 64 px ImageFolder with the ImageNet
+        settings did). The scales are CIFAR-10's, which works at 32 px.
+
+        Example:
+            >>> from ignite_swav import MultiCropTransform
+            >>> MultiCropTransform.for_small_images(96).size_crops
+            (96, 48)
+        """
+        settings: dict[str, Any] = {
+            "size_crops": (size, size // 2),
+            "num_crops": (2, 4),
+            "min_scale_crops": (0.25, 0.1),
+            "max_scale_crops": (1.0, 0.25),
+            "color_strength": 0.5,
+            "blur_prob": 0.0,
+        }
+        return cls(**(settings | overrides))
+
+    @classmethod
     def for_mnist(cls: type[_Settings], **overrides: Any) -> _Settings:
         """Settings for 28 px gray digits (MNIST): two 28 px crops of 30-100% of the image, no flip, no colour.
 

@@ -601,3 +601,31 @@ def test_resuming_with_more_epochs_follows_the_schedule_planned_for_the_new_leng
     extended = [r["lr"] for r in results(output)["history"]]
     assert extended[3:] == pytest.approx(planned[3:], rel=1e-9)  # epochs 4 and 5: as if planned for 5 epochs
     assert extended[2] != pytest.approx(planned[2])  # epoch 3 ended the 3-epoch plan: another rate
+
+
+def test_an_imagefolder_of_small_images_is_sized_from_its_data_and_the_run_says_how(tmp_path: Path, capsys):
+    import os
+
+    import sizing
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 100), ("val", 2)):  # 300 images of 64 px: a user's first folder of thumbnails
+        for cls in ("a", "b", "c"):
+            folder = tmp_path / "thumbs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    base = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "thumbs"), "--num-workers", "64"]
+    args = train_swav.parse_args(base)
+    sizing.size_and_say(args)
+    said = capsys.readouterr().out
+    assert (args.size_crops, args.num_crops, args.eval_size) == ([64, 32], [2, 4], 64)
+    assert (args.num_prototypes, args.queue_length, args.freeze_prototypes_iters) == (30, 0, 4)
+    assert args.num_workers == 64  # given: kept
+    assert "crops 2x64 + 4x32 px" in said and "30 prototypes, not 3000" in said and "a queue of 0 rows" in said
+    assert train_swav.build_data(args).multicrop.blur_prob == 0.0  # the small-image preset
+    # what the user gave stays; the workers fit the machine
+    args = train_swav.parse_args([*base[:-2], "--num-prototypes", "200", "--size-crops", "48", "24"])
+    sizing.size_and_say(args)
+    assert args.num_prototypes == 200 and args.size_crops == [48, 24]
+    assert args.num_workers <= (os.cpu_count() or 1)

@@ -61,8 +61,9 @@ class RunHistory:
         self.config = dict(config)
 
 
-def write_results(results: dict[str, Any], output_dir: Path) -> None:
-    """results.json and history.png in ``output_dir`` (each written atomically), and the summary lines."""
+def write_results(results: dict[str, Any], output_dir: Path, compare_to: str | None = None) -> None:
+    """results.json and history.png in ``output_dir`` (each written atomically, the plot over the reference curves
+    of ``compare_to`` when given), and the summary lines."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     if results.get("status") == "preempted":
@@ -83,14 +84,16 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
             + (f", k-means on raw pixels {kmeans:.4f}" if kmeans is not None else "")
         )
     lines.append(f"results in {output_dir / 'results.json'}")
-    write_atomically(output_dir / "history.png", lambda p: plot_history(results, p))
+    reference = json.loads(Path(compare_to).read_text()) if compare_to else None
+    write_atomically(output_dir / "history.png", lambda p: plot_history(results, p, reference))
     lines.append(f"plot in {output_dir / 'history.png'}")
     print("\n".join(lines), flush=True)
 
 
-def plot_history(results: dict[str, Any], path: Path) -> None:
+def plot_history(results: dict[str, Any], path: Path, reference: dict[str, Any] | None = None) -> None:
     """The loss per epoch, the k-NN top-1 per epoch against the random-init and raw-pixel levels, and the health
-    monitor's prototype usage and code entropy (with the epochs where collapse was suspected)."""
+    monitor's prototype usage and code entropy (with the epochs where collapse was suspected); over the bands of
+    ``reference`` curves (reference_curves.py) when given, so that a run shows at a glance whether it looks normal."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +136,16 @@ def plot_history(results: dict[str, Any], path: Path) -> None:
         ax_health.axvline(alarm, color="red", alpha=0.5)
     ax_health.set(xlabel="epoch", ylabel="fraction", title="training health (red: collapse suspected)")
     ax_health.legend(loc="best")
+    if reference is not None:
+        ref_epochs, curves = reference["epochs"], reference["curves"]
+        panels = {"loss": (ax_loss, "grey"), "knn_top1": (ax_knn, "C1")}
+        panels |= {"prototype_usage": (ax_health, "C4"), "code_entropy": (ax_health, "C5")}
+        panels |= {"loss_over_lnk": (ax_health, "C0")}
+        for name, (ax, colour) in panels.items():
+            if name in curves:
+                band = curves[name]
+                ax.fill_between(ref_epochs, band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
+        ax_loss.set_title("training loss (bands: the reference runs)")
     for ax in (ax_loss, ax_knn, ax_health):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -96,6 +96,12 @@ def add_run_flags(parser: argparse.ArgumentParser, setting: Any) -> None:
     add("--download", action="store_true", help="download CIFAR-10 / STL-10 into --data-dir if missing")
     add("--output-dir", type=Path, default=Path("runs/swav"), help="checkpoints, results (default: runs/swav)")
     add(
+        "--compare-to",
+        default=None,
+        help="draw history.png over reference curves: 'reference' (the main job's seeds 0-2, shipped for its data "
+        "set) or a JSON file of reference_curves.py",
+    )
+    add(
         "--resume-from",
         type=Path,
         default=None,
@@ -325,10 +331,31 @@ def check_args(args: argparse.Namespace) -> None:
             f"crops made on the device); got --dataset {args.dataset}"
             f"{'' if args.gpu_augment else ' and --no-gpu-augment'}"
         )
+    if args.compare_to is not None:
+        args.compare_to = str(reference_file(args.compare_to, args.dataset))
     try:
         crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
     except ValueError as error:
         raise ExampleError(f"crop settings (--size-crops, --num-crops, --min/max-scale-crops): {error}") from None
+
+
+def reference_file(value: str, dataset: str) -> Path:
+    """The file of reference curves that ``--compare-to`` names: 'reference' is the shipped one of ``dataset``."""
+    if value == "reference":
+        path = CONFIGS / "reference" / f"{dataset}.json"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in (CONFIGS / "reference").glob("*.json"))
+            raise ExampleError(
+                f"--compare-to reference: no reference curves for --dataset {dataset} (shipped: {shipped})"
+            )
+        return path
+    path = Path(value)
+    curves = read_config(path) if path.is_file() else None
+    if not isinstance(curves, dict) or not isinstance(curves.get("curves"), dict) or "epochs" not in curves:
+        raise ExampleError(
+            f"--compare-to '{value}' is not a file of reference curves (write one with reference_curves.py)"
+        )
+    return path
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     results = preempted_results(trainer, args) if preempted else final_results(objects, data, args)
     if idist.get_rank() == 0:
         verify_lock(args.output_dir / LOCK_NAME, args.lock_inode, holder=args.lock_pid)
-        write_results(results, args.output_dir)
+        write_results(results, args.output_dir, args.compare_to)
     OUTCOME["status"] = results["status"]  # for main() in this process (a spawned one's is in results.json)
     return results
 
@@ -259,6 +259,7 @@ def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Name
         "status": "finished",
         "run_token": args.run_token,
         "dataset": args.dataset,
+        "seed": args.seed,
         "arch": args.arch,
         "epochs": objects["trainer"].state.epoch,
         "world_size": idist.get_world_size(),

@@ -629,3 +629,39 @@ def test_an_imagefolder_of_small_images_is_sized_from_its_data_and_the_run_says_
     sizing.size_and_say(args)
     assert args.num_prototypes == 200 and args.size_crops == [48, 24]
     assert args.num_workers <= (os.cpu_count() or 1)
+
+
+def test_reference_curves_are_made_from_runs_and_drawn_under_a_run(tmp_path: Path, capsys):
+    import reference_curves
+    import results as results_module
+
+    def run(seed: int, shift: float) -> dict:
+        history = [
+            {"epoch": e, "loss": 4.0 - e / 10 + shift, "knn_top1": 0.8 + e / 100, "prototype_usage": 0.9,
+             "code_entropy": 0.5 - e / 100, "loss_over_lnk": 0.8, "queue_used": False, "lr": 0.1, "images_per_s": 1.0}
+            for e in range(1, 6)
+        ]  # fmt: skip
+        return {"dataset": "mnist5k", "seed": seed, "history": history, "epochs": 5, "knn_top1": 0.85}
+
+    files = []
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        files.append(tmp_path / f"seed{seed}.json")
+        files[-1].write_text(json.dumps(run(seed, shift)))
+    reference = tmp_path / "reference.json"
+    assert reference_curves.main([*map(str, files), "--output", str(reference)]) == 0
+    curves = json.loads(reference.read_text())
+    assert curves["epochs"] == [1, 2, 3, 4, 5]
+    assert curves["curves"]["loss"]["max"][0] == pytest.approx(4.1) and curves["curves"]["loss"]["min"][0] == 3.9
+    args = train_swav.parse_args(["--compare-to", str(reference), "--output-dir", str(tmp_path / "out")])
+    assert args.compare_to == str(reference)
+    with pytest.raises(
+        train_swav.ExampleError, match=r"--compare-to reference: no reference curves for --dataset digits"
+    ):
+        train_swav.parse_args(["--compare-to", "reference", "--dataset", "digits"])
+    with pytest.raises(
+        train_swav.ExampleError, match=r"--compare-to '.*missing.json' is not a file of reference curves"
+    ):
+        train_swav.parse_args(["--compare-to", str(tmp_path / "missing.json")])
+    finished = run(2, 0.1) | {"knn_top1_random_init": 0.7, "knn_top1_raw_pixels": 0.9}
+    results_module.write_results(finished, tmp_path / "out", str(reference))
+    assert (tmp_path / "out" / "history.png").stat().st_size > 10_000

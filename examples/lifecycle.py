@@ -1,7 +1,7 @@
 """How a run of ``train_swav.py`` lives among the signals and processes of a cluster: the signal a scheduler sends
 before it kills a job (SIGTERM, SIGUSR1) ends the run after the current iteration with a checkpoint and exit
 status 75; the training processes of a launcher that died stop instead of writing beside a new run; the data
-loader's workers leave those signals to the training process."""
+loader's workers leave SIGUSR1 to the training process."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
-    """The DataLoader's ``worker_init_fn``: a scheduler that signals every process of the job (Slurm) must not kill
-    the loader's workers under the training process, which stops them itself once its checkpoint is written."""
-    for number in PREEMPTION_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    """The DataLoader's ``worker_init_fn``: Slurm's ``--signal=USR1@90`` reaches every process of the job, and must
+    not kill the loader's workers under the training process, which stops them itself once its checkpoint is
+    written. SIGTERM keeps its default: it is how the DataLoader and multiprocessing end their workers (a worker
+    ignoring it blocks the process's exit), so with Slurm warn with USR1 (docs/distributed.md)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def watch_launcher(trainer: Engine, args: argparse.Namespace) -> None:

@@ -156,3 +156,16 @@ def test_a_training_process_killed_by_sigkill_is_one_line_and_exit_1(tmp_path: P
     assert process.returncode == 1
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "terminated with signal SIGKILL; the checkpoints are kept: continue with --resume-from auto" in stderr
+
+
+def test_a_run_with_persistent_loader_workers_exits_when_it_is_done(tmp_path: Path):
+    """The loader's workers are ended by SIGTERM at the interpreter's exit: one that ignored it would hold the run
+    forever after its results (the preemption handling must leave them that signal)."""
+    argv = [*TINY, "--num-workers", "1", "--epochs", "2", "--output-dir", str(tmp_path / "workers")]
+    process = start(argv)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]

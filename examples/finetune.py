@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.01, help="the backbone's learning rate (the head's: 10x)")
     parser.add_argument("--output", type=Path, default=None, help="write the JSON object to this file too")
     parser.add_argument("--output-dir", type=Path, default=None, help="save the fine-tuned SwAV network here")
+    parser.add_argument(
+        "--select",
+        type=int,
+        default=0,
+        metavar="N",
+        help="choose settings: score on N other images of the training split, not on the held-out split",
+    )
     return parser
 
 
@@ -160,12 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labelled = Subset(train, chosen)
     num_classes = int(labels.max()) + 1
-    top1_swav = finetune(backbone, labelled, data.heldout, num_classes, args, "swav", args.output_dir)
-    top1_scratch = finetune(random_backbone, labelled, data.heldout, num_classes, args, "scratch")
+    scored = data.heldout
+    if args.select:  # choosing the schedule's settings: the held-out split is not looked at
+        order, taken = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)), set(chosen)
+        scored = Subset(train, [i for i in order.tolist() if i not in taken][: args.select])
+    top1_swav = finetune(backbone, labelled, scored, num_classes, args, "swav", args.output_dir)
+    top1_scratch = finetune(random_backbone, labelled, scored, num_classes, args, "scratch")
     results = {
         "top1_swav": top1_swav,
         "top1_scratch": top1_scratch,
-        "top1_pixels": pixels_top1(labelled, data.heldout, args.seed),
+        "top1_pixels": pixels_top1(labelled, scored, args.seed),
+        "scored_on": f"{args.select} other images of the training split" if args.select else "the held-out split",
         "label_fraction": args.label_fraction,
         "num_labels": len(chosen),
         "seed": args.seed,

@@ -137,21 +137,26 @@ def plot_history(results: dict[str, Any], path: Path, reference: dict[str, Any] 
     ax_health.set(xlabel="epoch", ylabel="fraction", title="training health (red: collapse suspected)")
     ax_health.legend(loc="best")
     if reference is not None:
-        ref_epochs, curves = reference["epochs"], reference["curves"]
-        panels = {"loss": (ax_loss, "grey"), "knn_top1": (ax_knn, "C1")}
-        panels |= {"prototype_usage": (ax_health, "C4"), "code_entropy": (ax_health, "C5")}
-        panels |= {"loss_over_lnk": (ax_health, "C0")}
-        for name, (ax, colour) in panels.items():
-            if name in curves:
-                band = curves[name]
-                ax.fill_between(ref_epochs, band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
-        ax_loss.set_title("training loss (bands: the reference runs)")
+        _draw_reference_bands(reference, ax_loss, ax_knn, ax_health)
     for ax in (ax_loss, ax_knn, ax_health):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def _draw_reference_bands(reference: dict[str, Any], ax_loss: Any, ax_knn: Any, ax_health: Any) -> None:
+    """Each reference curve as a band from its lowest to its highest value over the reference runs."""
+    ref_epochs, curves = reference["epochs"], reference["curves"]
+    panels = {"loss": (ax_loss, "grey"), "knn_top1": (ax_knn, "C1")}
+    panels |= {"prototype_usage": (ax_health, "C4"), "code_entropy": (ax_health, "C5")}
+    panels |= {"loss_over_lnk": (ax_health, "C0")}
+    for name, (ax, colour) in panels.items():
+        if name in curves:
+            band = curves[name]
+            ax.fill_between(ref_epochs, band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
+    ax_loss.set_title("training loss (bands: the reference runs)")
 
 
 def log_start(data: DataBundle, objects: dict[str, Any], args: argparse.Namespace) -> None:

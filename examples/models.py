@@ -4,6 +4,7 @@ the learning rate schedule; used by the training script, ``linear_eval.py`` and 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from swav_data import require
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, SwAVQueueHandler
+from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, SwAVQueueGuard, SwAVQueueHandler
 
 CROPS_FOR_ASSIGN = (0, 1)  # the two large crops
 
@@ -123,3 +124,12 @@ def attach_lr_schedule(
         trainer.add_event_handler(Events.ITERATION_STARTED(event_filter=lambda _, i: i <= warmup_iters), warmup)
         schedulers["lr_warmup"] = warmup
     return schedulers
+
+
+def attach_queue_guard(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> None:
+    """With a queue and ``--queue-guard on``: when the monitor blames the queue, back to just before it came in."""
+    if args.queue_guard != "on" or objects["queue_handler"].requested_queue_length == 0:
+        return
+    guard = SwAVQueueGuard(objects["queue_handler"], objects["health"], objects, logger=logging.getLogger("train_swav"))
+    guard.attach(trainer)
+    objects["queue_guard"] = guard

@@ -4,6 +4,7 @@ per-epoch history (saved in the checkpoint), ``results.json``, ``history.png`` a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,6 +16,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from run_dir import write_atomically
 from swav_data import DataBundle
+
+from ignite_swav import SwAVEvents
 
 HEALTH_METRICS = ("prototype_usage", "code_entropy", "loss_over_lnk")
 logger = logging.getLogger("train_swav")
@@ -138,12 +141,24 @@ def plot_history(results: dict[str, Any], path: Path, reference: dict[str, Any] 
     ax_health.legend(loc="best")
     if reference is not None:
         _draw_reference_bands(reference, ax_loss, ax_knn, ax_health)
+    _draw_queue_retreats(results.get("queue_retreats", []), ax_loss, ax_knn, ax_health)
     for ax in (ax_loss, ax_knn, ax_health):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def _draw_queue_retreats(retreats: list[dict[str, int]], ax_loss: Any, *others: Any) -> None:
+    """A dotted line where the queue guard took the run back (the curves after it are the epochs run again)."""
+    for retreat in retreats:
+        for ax in (ax_loss, *others):
+            ax.axvline(retreat["back_to_epoch"], color="orange", linestyle=":", linewidth=2)
+        ax_loss.annotate(
+            f"queue guard: back from epoch {retreat['at_epoch']}", (retreat["back_to_epoch"], 0.95),
+            xycoords=("data", "axes fraction"), color="darkorange", fontsize=8,
+        )  # fmt: skip
 
 
 def _draw_reference_bands(reference: dict[str, Any], ax_loss: Any, ax_knn: Any, ax_health: Any) -> None:
@@ -157,6 +172,12 @@ def _draw_reference_bands(reference: dict[str, Any], ax_loss: Any, ax_knn: Any, 
             band = curves[name]
             ax.fill_between(ref_epochs, band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
     ax_loss.set_title("training loss (bands: the reference runs)")
+
+
+def queue_retreats(objects: dict[str, Any]) -> list[dict[str, int]]:
+    """What the queue guard did: one record per retreat (none without a guard)."""
+    guard = objects.get("queue_guard")
+    return [dataclasses.asdict(r) for r in guard.retreats] if guard is not None else []
 
 
 def log_start(data: DataBundle, objects: dict[str, Any], args: argparse.Namespace) -> None:
@@ -197,6 +218,15 @@ def attach_loggers(trainer: Engine, objects: dict[str, Any], args: argparse.Name
     tb_logger.attach(trainer, loss, Events.ITERATION_COMPLETED)
     tb_logger.attach(trainer, OptimizerParamsHandler(objects["optimizer"], "lr"), Events.ITERATION_STARTED)
     tb_logger.attach(trainer, OutputHandler("epoch", metric_names=list(HEALTH_METRICS)), Events.EPOCH_COMPLETED)
+
+    guard = objects.get("queue_guard")
+    if guard is not None:
+
+        @trainer.on(SwAVEvents.QUEUE_RETREATED)
+        def retreated(engine: Engine) -> None:
+            step = guard.global_step_transform(engine)
+            tb_logger.writer.add_scalar("queue_guard/retreats", len(guard.retreats), step)
+            tb_logger.writer.add_scalar("queue_guard/queue_length", engine.state.queue_retreat.queue_length, step)
 
     @trainer.on(Events.EPOCH_COMPLETED)  # after the epoch's record: its evaluations
     def evaluations(engine: Engine) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
+
+import ignite.distributed as idist
 
 DATASETS = ("mnist5k", "digits", "cifar10", "stl10", "imagefolder")
 ARCHS = ("small_resnet", "resnet18", "resnet50")
@@ -146,6 +149,12 @@ def add_swav_flags(setting: Any) -> None:
     setting("--hidden-dim", "hidden width of the projection head (0: a single linear layer)", type=int)
     setting("--queue-length", "global queue length over all processes, 0 for none", type=int)
     setting("--epoch-queue-starts", "epochs trained before the queue is created", type=int)
+    setting(
+        "--queue-guard",
+        "when the health monitor blames the queue, go back to just before it came in and let it come in later and "
+        "shorter (SwAVQueueGuard)",
+        choices=("on", "off"),
+    )
     setting("--freeze-prototypes-iters", "first iterations whose steps leave the prototypes as they are", type=int)
     setting(
         "--freeze-prototypes-epochs",
@@ -362,3 +371,16 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
     """The settings --print-config prints: one JSON object, keys named like the flags (the parser's settings, in
     their order), with the recipe and the seed."""
     return {"recipe": args.recipe, **{key: getattr(args, key, None) for key in args.setting_keys}, "seed": args.seed}
+
+
+def warn_about_world_size(args: argparse.Namespace) -> None:
+    world_size = idist.get_world_size()
+    if args.expected_world_size and args.expected_world_size != world_size:
+        logging.getLogger("train_swav").warning(
+            "the recipe was published for %d processes (global batch %d); this run has %d (global batch %d): "
+            "the learning rate is not rescaled",
+            args.expected_world_size,
+            args.expected_world_size * args.batch_size,
+            world_size,
+            world_size * args.batch_size,
+        )

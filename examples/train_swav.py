@@ -44,8 +44,15 @@ from lifecycle import (
     was_preempted,
     watch_launcher,
 )
-from models import attach_lr_schedule, build_backbone, build_loss_and_queue_handler, build_model, build_optimizer
-from results import HEALTH_METRICS, RunHistory, attach_loggers, log_epoch, log_start, write_results
+from models import (
+    attach_lr_schedule,
+    attach_queue_guard,
+    build_backbone,
+    build_loss_and_queue_handler,
+    build_model,
+    build_optimizer,
+)
+from results import HEALTH_METRICS, RunHistory, attach_loggers, log_epoch, log_start, queue_retreats, write_results
 from resume import CHECKPOINT_KEYS, load_resume_checkpoint, newest_valid_checkpoint, resume_run
 from run_dir import (
     CHECKPOINT_PREFIX,
@@ -60,7 +67,7 @@ from run_dir import (
     verify_lock,
 )
 from sizing import size_and_say
-from swav_config import ExampleError, parse_args, resolved_config
+from swav_config import ExampleError, parse_args, resolved_config, warn_about_world_size
 from swav_data import DataBundle, build_data, require
 from torch import nn
 
@@ -184,7 +191,9 @@ def attach_checkpoint(trainer: Engine, objects: dict[str, Any], args: argparse.N
     """The last two checkpoints in ``--output-dir``, every epoch, after checking that the directory is still ours."""
     # durable: Checkpoint's removal of an old file waits until the new one is on disk (never no checkpoint)
     saver = DurableDiskSaver(args.output_dir, require_empty=False, save_on_rank=0, temporary_prefix=TEMP_PREFIX)
-    checkpoint = Checkpoint(objects, saver, filename_prefix=CHECKPOINT_PREFIX, n_saved=2)
+    # numbered by iterations run, those a queue guard's retreat discarded too: the newest file is the newest state
+    steps = objects["queue_guard"].global_step_transform if "queue_guard" in objects else None
+    checkpoint = Checkpoint(objects, saver, filename_prefix=CHECKPOINT_PREFIX, n_saved=2, global_step_transform=steps)
     lock = args.output_dir / LOCK_NAME
 
     def save(engine: Engine) -> None:
@@ -218,6 +227,7 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     if hasattr(sampler, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
     attach_epoch_record(trainer, objects, data, args)
+    attach_queue_guard(trainer, objects, args)  # after the epoch's record, before the checkpoint
     attach_checkpoint(trainer, objects, args)
     tb_logger = attach_loggers(trainer, objects, args)
     finished = False
@@ -235,19 +245,6 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
         write_results(results, args.output_dir, args.compare_to)
     OUTCOME["status"] = results["status"]  # for main() in this process (a spawned one's is in results.json)
     return results
-
-
-def warn_about_world_size(args: argparse.Namespace) -> None:
-    world_size = idist.get_world_size()
-    if args.expected_world_size and args.expected_world_size != world_size:
-        logger.warning(
-            "the recipe was published for %d processes (global batch %d); this run has %d (global batch %d): "
-            "the learning rate is not rescaled",
-            args.expected_world_size,
-            args.expected_world_size * args.batch_size,
-            world_size,
-            world_size * args.batch_size,
-        )
 
 
 def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Namespace) -> dict[str, Any]:
@@ -271,6 +268,7 @@ def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Name
         "images_per_s": statistics.median(speeds) if speeds else None,
         "queue_used": any(r["queue_used"] for r in records),
         "collapse_alarms": [r["epoch"] for r in records if r.get("collapse_suspected")],
+        "queue_retreats": queue_retreats(objects),
         "history": records,
     }
 

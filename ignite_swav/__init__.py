@@ -14,6 +14,7 @@ from ignite_swav.preemption import PreemptionHandler
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
+from ignite_swav.queue_guard import QueueRetreat, SwAVQueueGuard
 from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
@@ -30,6 +31,7 @@ __all__ = [
     "MultiCropTransform",
     "OnlineLinearProbe",
     "PreemptionHandler",
+    "QueueRetreat",
     "SwAVEvents",
     "SwAVHealthMonitor",
     "SwAVLoss",
@@ -37,6 +39,7 @@ __all__ = [
     "SwAVModel",
     "SwAVProjectionHead",
     "SwAVPrototypes",
+    "SwAVQueueGuard",
     "SwAVQueueHandler",
     "__version__",
     "assign_clusters",

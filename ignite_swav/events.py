@@ -15,6 +15,8 @@ class SwAVEvents(EventEnum):
       :func:`~ignite_swav.create_swav_trainer`'s engine).
     - ``COLLAPSE_SUSPECTED``: at the end of an epoch whose figures suggest collapse (fired by
       :class:`~ignite_swav.SwAVHealthMonitor`; the reasons are in ``engine.state.collapse_report``).
+    - ``QUEUE_RETREATED``: at the end of an epoch where :class:`~ignite_swav.SwAVQueueGuard` took the run back to
+      just before its queue came in (what it did is in ``engine.state.queue_retreat``).
 
     Example:
         >>> from ignite.engine import Engine
@@ -28,3 +30,4 @@ class SwAVEvents(EventEnum):
 
     QUEUE_FIRST_USED = "queue_first_used"
     COLLAPSE_SUSPECTED = "collapse_suspected"
+    QUEUE_RETREATED = "queue_retreated"

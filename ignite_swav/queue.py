@@ -168,6 +168,8 @@ class SwAVQueueHandler(Serializable):
         self._saver: Checkpoint | None = None
         self._reported_lengths: set[tuple[int, int]] = set()
         self._first_iteration_checked = False
+        #: ``(queue_length, epoch_queue_starts)`` set by :meth:`reschedule` (kept in :meth:`state_dict`), or None
+        self.rescheduled: tuple[int, int] | None = None
 
     @property
     def crops_for_assign(self) -> tuple[int, ...]:
@@ -309,6 +311,31 @@ class SwAVQueueHandler(Serializable):
             self._create_queue(device)
         return self.queue
 
+    def reschedule(self, queue_length: int, epoch_queue_starts: int) -> None:
+        """Drop the queue; a new one of ``queue_length`` rows (0: none) comes in once ``epoch_queue_starts`` epochs
+        are done, and is filled anew. The new settings are kept in :meth:`state_dict`, so that a resumed run keeps
+        them rather than the ones the handler was created with (:class:`~ignite_swav.SwAVQueueGuard` calls it).
+
+        Example:
+            >>> from ignite_swav import SwAVLoss, SwAVQueueHandler
+            >>> handler = SwAVQueueHandler(SwAVLoss(), queue_length=1024, epoch_queue_starts=5)
+            >>> handler.reschedule(512, 7)
+            >>> handler.requested_queue_length, handler.epoch_queue_starts, handler.state_dict()["rescheduled_length"]
+            (512, 7, 512)
+        """
+        self.requested_queue_length = check_int("queue_length", queue_length, 0)
+        self.epoch_queue_starts = check_int("epoch_queue_starts", epoch_queue_starts, 0)
+        self.rescheduled = (self.requested_queue_length, self.epoch_queue_starts)
+        self.queue_length = self._global_queue_length()
+        self.queue = self._gathered = None
+        self.loss.queue = None
+        self.loss.queue_factory = None
+        self.loss.use_queue = False
+        for ref in self._engines:
+            engine = ref()
+            if engine is not None:
+                engine.state.queue_in_use = False  # type: ignore[attr-defined]
+
     def save_queue_file(self, engine: Engine) -> None:
         """Write the queue of all ranks to ``dirname`` (a collective), keeping the last 2 files."""
         if self.dirname is None:
@@ -358,13 +385,16 @@ class SwAVQueueHandler(Serializable):
                     "SwAVQueueHandler(..., gather_event=<the event of your Checkpoint>) and attach the handler "
                     "before that Checkpoint"
                 )
-        return OrderedDict(
+        state = OrderedDict(
             version=_FORMAT_VERSION,
             queue=queue,
             queue_length=self.queue_length,
             feat_dim=self.feat_dim or (queue.shape[2] if queue is not None else 0),
             num_crops=len(self.crops_for_assign),
         )
+        if self.rescheduled is not None:
+            state["rescheduled_length"], state["rescheduled_start"] = self.rescheduled
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the queue from :meth:`state_dict`, resharded onto the current world size.
@@ -380,6 +410,9 @@ class SwAVQueueHandler(Serializable):
         queue = self.validate_state_dict(state_dict)
         if queue is not None and self.feat_dim is None:
             self.feat_dim = queue.shape[2]
+        if "rescheduled_length" in state_dict:  # a run whose queue was rescheduled resumes with the new settings
+            self.rescheduled = (int(state_dict["rescheduled_length"]), int(state_dict["rescheduled_start"]))
+            self.requested_queue_length, self.epoch_queue_starts = self.rescheduled
         self.queue_length = self._global_queue_length()
         self._gathered = None
         if queue is None:
@@ -415,6 +448,12 @@ class SwAVQueueHandler(Serializable):
         for key, value in state_dict.items():
             if key != "queue" and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise ValueError(f"queue state entry '{key}' must be an integer, got {type(value).__name__}")
+        rescheduled = [state_dict.get(key) for key in ("rescheduled_length", "rescheduled_start")]
+        if (rescheduled[0] is None) != (rescheduled[1] is None) or any(v is not None and v < 0 for v in rescheduled):
+            raise ValueError(
+                f"queue state entries rescheduled_length={rescheduled[0]} and rescheduled_start={rescheduled[1]} "
+                "must be given together, as integers >= 0"
+            )
         version = state_dict.get("version", _FORMAT_VERSION)
         if version != _FORMAT_VERSION:
             raise ValueError(

@@ -44,11 +44,13 @@ def test_step_benchmark_prints_the_overhead():
     assert out.strip().splitlines()[-1].split()[0] == "4" and out.strip().endswith("%")
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_handler_benchmark_on_two_processes():
     out = run_script("handler.py", "--queue-lengths", "128", "--repeats", "1", "--feat-dim", "8")
     assert "2x128x8" in out
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_sweep_saves_a_plot(tmp_path: Path):
     pytest.importorskip("matplotlib")
     out = run_script(
@@ -66,6 +68,7 @@ def test_sweep_saves_a_plot(tmp_path: Path):
     assert (tmp_path / "s.png").stat().st_size > 0 and "plot saved" in out
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_augment_benchmark_with_training():
     out = run_script(
         "augment.py",
@@ -75,6 +78,7 @@ def test_augment_benchmark_with_training():
     assert "BatchedMultiCrop alone" in out and "training resnet18" in out
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_arch_benchmark_prints_a_rate_per_backbone():
     out = run_script("arch.py", "--batch-size", "4", "--steps", "1")
     rows = [line for line in out.splitlines() if "resnet" in line]

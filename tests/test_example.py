@@ -59,7 +59,8 @@ def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys)
     assert any((output / "tensorboard").iterdir())  # Ignite's TensorboardLogger: tensorboard is in the test extra
     assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
     checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
-    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe", "lr_cosine", "lr_warmup"}
+    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe", "lr_cosine", "lr_warmup", "queue_guard"}
+    assert res["queue_retreats"] == []  # the queue guard is on by default with a queue, and took no action
     assert checkpoint["queue_handler"]["queue"].shape == (2, 32, 16)
     printed = capsys.readouterr().out
     assert "kNN top-1 0." in printed and "random init" in printed and "raw pixels" in printed

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import ignite
+from ignite.engine import Engine
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ignite_swav"
 
@@ -27,6 +28,8 @@ EXPECTED = {
     "OnlineLinearProbe._state_dict_all_req_keys": "Serializable's required keys",
     "SwAVHealthMonitor._state_dict_all_req_keys": "Serializable's required keys",
     "SwAVQueueHandler._state_dict_all_req_keys": "Serializable's required keys",
+    "SwAVQueueGuard._state_dict_all_req_keys": "Serializable's required keys",
+    "Engine._dataloader_iter": "queue_guard.py: after going back, the next epoch starts a new pass over the data",
 }
 
 
@@ -50,16 +53,25 @@ def _names_defined_by(cls: type) -> set[str]:
     return {n for n in names if _private(n)}
 
 
+def _is_self(node: ast.expr) -> bool:
+    """``self`` or ``super()``: a class's own names, counted per class below."""
+    is_super = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+    return is_super or (isinstance(node, ast.Name) and node.id == "self")
+
+
 def touched_private_names(folder: Path = PACKAGE, package: str = "ignite_swav.") -> dict[str, type | None]:
     """``{"import _name" or "Class._name": the Ignite class that defines it (None for an import)}`` for the modules
     of ``folder`` (imported as ``package + stem``)."""
     found: dict[str, type | None] = {}
+    engine_names = {name: base for base in reversed(Engine.__mro__[:-1]) for name in _names_defined_by(base)}
     for path in sorted(folder.glob("*.py")):
         module = importlib.import_module(f"{package}{path.stem}")
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ignite":
                 found.update({f"import {a.name}": None for a in node.names if _private(a.name)})
+            if isinstance(node, ast.Attribute) and node.attr in engine_names and not _is_self(node.value):
+                found[f"Engine.{node.attr}"] = engine_names[node.attr]  # on an engine handed to our code
             if not isinstance(node, ast.ClassDef):
                 continue
             cls = getattr(module, node.name, None)
@@ -96,8 +108,11 @@ def test_the_check_would_catch_a_new_one(tmp_path: Path, monkeypatch):
         "    def _fire_event(self, *args, **kwargs):\n"
         "        return super()._fire_event(*args, **kwargs)\n\n"
         "    def run_quietly(self):\n"
-        "        return self._process_function\n"
+        "        return self._process_function\n\n"
+        "def rewind(engine):\n"
+        "    engine._dataloader_iter = None\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     found = touched_private_names(tmp_path, "")
-    assert sorted(found) == ["Spy._fire_event", "Spy._process_function", "import _prepare_batch"]
+    expected = ["Engine._dataloader_iter", "Spy._fire_event", "Spy._process_function", "import _prepare_batch"]
+    assert sorted(found) == expected

@@ -21,6 +21,7 @@ def test_one_process(case):
     assert run_case(case) in ("valid", "refused")
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_two_processes_draw_the_same_cases_and_never_hang(tmp_path: Path):
     script = Path(__file__).with_name("fuzz_two_ranks.py")
     command = [sys.executable, str(script), "80", str(tmp_path)]

@@ -158,6 +158,7 @@ def test_a_training_process_killed_by_sigkill_is_one_line_and_exit_1(tmp_path: P
     assert "terminated with signal SIGKILL; the checkpoints are kept: continue with --resume-from auto" in stderr
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_a_run_with_persistent_loader_workers_exits_when_it_is_done(tmp_path: Path):
     """The loader's workers are ended by SIGTERM at the interpreter's exit: one that ignored it would hold the run
     forever after its results (the preemption handling must leave them that signal)."""

@@ -111,6 +111,7 @@ def first_queue_use(printed: str) -> int:
     return int(re.search(r"the queue is full and used from iteration (\d+)", printed).group(1))
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_saved_on_one_process_resumed_on_two_and_back_with_the_queue_used_at_once(tmp_path: Path, capfd):
     output = tmp_path / "run"
     # 1 process: 16 per step, queue of 32 global rows full after 2 steps (epoch 1)

@@ -52,6 +52,7 @@ def alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_a_run_killed_while_its_loader_worker_lives_can_be_resumed_at_once(tmp_path: Path, capsys):
     output = tmp_path / "run"
     process = start(output, "--epochs", "6", "--num-workers", "1")  # a persistent DataLoader worker (fork)
@@ -128,6 +129,7 @@ def test_resuming_with_another_seed_or_data_set_is_refused(tmp_path: Path, capsy
     assert "was trained with --dataset digits, this run has --dataset mnist5k" in error
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_a_second_multi_process_run_on_the_same_machine_picks_its_own_port(tmp_path: Path, capsys):
     # Ignite's launcher meets on port 2222 by default: a second experiment on the machine died with EADDRINUSE
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
@@ -178,6 +180,7 @@ def test_resume_from_auto_starts_afresh_then_resumes_from_the_newest_valid_check
     assert trainer_state["iteration"] == 2 * trainer_state["epoch_length"]  # the second epoch ran, from the first's end
 
 
+@pytest.mark.soak  # long (multi-process or a full script): make test-soak, in CI
 def test_a_log_file_gets_the_epoch_lines_and_no_progress_bar(tmp_path: Path):
     argv = [sys.executable, str(SCRIPT), *TINY, "--epochs", "2", "--output-dir", str(tmp_path / "run")]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # stdout and stderr are not terminals

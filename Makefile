@@ -25,7 +25,8 @@ test: $(VENV)/.installed
 	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q -m "not soak"
 
 # The long tests (torchrun's elastic agents, 200 random kills, preempted multi-process runs, a queue resharded
-# 2 -> 3, a model compiled by inductor): about 3 minutes more, run by CI beside make test.
+# 2 -> 3, a model compiled by inductor, the benchmark scripts' smoke runs): about 5 minutes more, run by CI beside
+# make test.
 test-soak: $(VENV)/.installed
 	CUDA_VISIBLE_DEVICES="" $(PY) -m pytest -q -m soak
 

@@ -8,7 +8,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ignite import distributed as idist
@@ -378,7 +378,8 @@ def _random_states() -> dict[str, Any]:
         import numpy
     except ImportError:  # torch does not require numpy
         return states
-    name, keys, position, has_gauss, cached = numpy.random.get_state()
+    name, keys, position, has_gauss, cached = cast(tuple[Any, ...], numpy.random.get_state(legacy=True))
+    # a tensor rather than numpy's array: a checkpoint holding it loads with torch.load(weights_only=True)
     states["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached)]
     return states
 

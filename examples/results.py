@@ -152,11 +152,11 @@ def plot_history(results: dict[str, Any], path: Path, reference: dict[str, Any] 
 
 def _draw_queue_retreats(retreats: list[dict[str, int]], ax_loss: Any, *others: Any) -> None:
     """A dotted line where the queue guard took the run back (the curves after it are the epochs run again)."""
-    for retreat in retreats:
+    for i, retreat in enumerate(retreats):
         for ax in (ax_loss, *others):
             ax.axvline(retreat["back_to_epoch"], color="orange", linestyle=":", linewidth=2)
         ax_loss.annotate(
-            f"queue guard: back from epoch {retreat['at_epoch']}", (retreat["back_to_epoch"], 0.95),
+            f" queue guard: back from epoch {retreat['at_epoch']}", (retreat["back_to_epoch"], 0.95 - 0.07 * i),
             xycoords=("data", "axes fraction"), color="darkorange", fontsize=8,
         )  # fmt: skip
 

@@ -48,12 +48,19 @@ class _AgreedStop:
         if idist.get_world_size() > 1:
             self.stop_request = "skip_completed" if skip_completed else (self.stop_request or True)
             return
-        Engine.terminate(cast(Engine, self), skip_completed)
+        self._terminate(skip_completed)
 
     def carry_out_stop(self, code: float) -> None:
         """Carry out a stop every process agreed on (``code`` 2: without ``COMPLETED``)."""
         self.stop_request = False
-        Engine.terminate(cast(Engine, self), skip_completed=code >= 2)
+        self._terminate(code >= 2)
+
+    def _terminate(self, skip_completed: bool) -> None:
+        # Ignite 0.5.1's terminate() takes no argument (skip_completed came in 0.5.2): passed only when asked for
+        if skip_completed:
+            Engine.terminate(cast(Engine, self), skip_completed=True)
+        else:
+            Engine.terminate(cast(Engine, self))
 
     def _forget_stop(self, _: Any = None) -> None:
         """``STARTED``: a run starts without the request of an earlier run that ended before agreeing on it."""

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(datasets) != 1:
         print(f"error: the runs are of several data sets ({sorted(datasets)})", file=sys.stderr)
         return 2
-    seeds = sorted(run.get("seed", "?") for run in runs)
+    seeds = sorted(str(run.get("seed", "?")) for run in runs)  # a results.json of before 2026-12-05 names none
     about = f"train_swav.py on {datasets.pop()}, {len(runs)} runs (seeds {seeds}): per-epoch lowest and highest"
     args.output.write_text(json.dumps({"_about": about, **reference_curves(runs)}, indent=1) + "\n")
     print(f"reference curves in {args.output}")

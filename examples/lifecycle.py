@@ -36,10 +36,43 @@ def ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+#: the SIGINTs this process received (main() installs the handler)
+INTERRUPTS: list[int] = []
+
+
+@contextmanager
+def remembering_interrupts() -> Iterator[None]:
+    """SIGINT raises ``KeyboardInterrupt`` as Python's own handler does, and is remembered: one that lands while
+    the interpreter runs a finaliser (a ``__del__``) is printed there and dropped, and the run would go on to end
+    with status 0; :func:`raise_if_interrupted` raises it again from the training loop, and main() at the end.
+    A SIGINT already ignored (a job script's ``cmd &``) or handled by someone else is left as it is."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def interrupt(number: int, frame: FrameType | None) -> None:
+        INTERRUPTS.append(number)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def raise_if_interrupted(_: Any = None) -> None:
+    """``ITERATION_COMPLETED`` (and after the run): a SIGINT that was swallowed on its way is raised again."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt
+
+
 def watch_launcher(trainer: Engine, args: argparse.Namespace) -> None:
     """In a process started by a launcher (``--nproc-per-node``, torchrun): stop at the next iteration when the
     launcher is gone. Its output directory lock died with it, so a new run may be writing there; torch tells spawned
-    processes of their parent's death by SIGINT, which a job script's background command (``cmd &``) ignores."""
+    processes of their parent's death by SIGINT, which a job script's background command (``cmd &``) ignores.
+    In every process: a SIGINT swallowed on its way is raised again after the iteration (remembering_interrupts)."""
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, raise_if_interrupted)
     spawned = (args.nproc_per_node or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if not spawned:
         return

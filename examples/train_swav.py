@@ -41,6 +41,8 @@ from lifecycle import (
     forwarding_preemption_signals,
     ignore_preemption_signals,
     preempted_results,
+    raise_if_interrupted,
+    remembering_interrupts,
     was_preempted,
     watch_launcher,
 )
@@ -329,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             check_output_dir(args.output_dir, args.resume_from)  # again, now that no other start can race us
             remove_temporary_files(args.output_dir)
             port = {"master_port": args.master_port} if args.master_port is not None else {}
-            with forwarding_preemption_signals((args.nproc_per_node or 1) > 1):
+            with forwarding_preemption_signals((args.nproc_per_node or 1) > 1), remembering_interrupts():
                 with idist.Parallel(backend=args.backend, nproc_per_node=args.nproc_per_node, **port) as parallel:
                     parallel.run(training, vars(args))
+                raise_if_interrupted()
         if OUTCOME.get("status") == "preempted" or was_preempted(args.output_dir, args.run_token):
             print(f"preempted: checkpoint written; continue with --resume-from auto (exit {PREEMPTED_EXIT})")
             return PREEMPTED_EXIT

@@ -170,3 +170,27 @@ def test_a_run_with_persistent_loader_workers_exits_when_it_is_done(tmp_path: Pa
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, stderr[-3000:]
+
+
+def test_a_sigint_swallowed_on_its_way_is_raised_again_and_an_ignored_one_left_alone():
+    import lifecycle
+
+    try:
+        with lifecycle.remembering_interrupts():
+            try:  # as when the interpreter drops it in a finaliser (a __del__), where the run would go on
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            with pytest.raises(KeyboardInterrupt):
+                lifecycle.raise_if_interrupted()  # the next iteration raises it again
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        lifecycle.INTERRUPTS.clear()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's `cmd &`
+        try:
+            with lifecycle.remembering_interrupts():
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        lifecycle.INTERRUPTS.clear()

@@ -87,13 +87,19 @@ def test_sigusr1_to_the_launcher_of_two_processes_stops_both_at_one_iteration_wi
     # (its resume on 2 processes is the resume of any mid-epoch checkpoint: tests/reliability/test_resume.py)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_is_one_line_and_exit_130(tmp_path: Path):
     output = tmp_path / "interrupted"
-    process = start([*TINY, "--epochs", "20", "--output-dir", str(output)])
+    # SIGINT as in a terminal, whatever this test inherited (a suite started in the background ignores it, and so
+    # would the run: a background job is not interrupted by Ctrl-C)
+    process = start([*TINY, "--epochs", "20", "--output-dir", str(output)], preexec_fn=default_sigint)
     wait_for_a_checkpoint(process, output)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "interrupted: the checkpoints are kept: continue with --resume-from auto" in stderr
 
@@ -175,6 +181,7 @@ def test_a_run_with_persistent_loader_workers_exits_when_it_is_done(tmp_path: Pa
 def test_a_sigint_swallowed_on_its_way_is_raised_again_and_an_ignored_one_left_alone():
     import lifecycle
 
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
         with lifecycle.remembering_interrupts():
             try:  # as when the interpreter drops it in a finaliser (a __del__), where the run would go on
@@ -194,3 +201,4 @@ def test_a_sigint_swallowed_on_its_way_is_raised_again_and_an_ignored_one_left_a
             signal.signal(signal.SIGINT, previous)
     finally:
         lifecycle.INTERRUPTS.clear()
+        signal.signal(signal.SIGINT, inherited)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes
 
 
 class TinyBackbone(nn.Module):
@@ -82,3 +83,17 @@ class DispatchCounter(TorchDispatchMode):
     @property
     def synchronisations(self) -> int:
         return self.operations["_local_scalar_dense"] + self.operations["tolist"]
+
+
+def queue_breaking_step(loss_fn: SwAVLoss, seed: int = 1):
+    """An engine's process function of a constructed run: two views of an image agree (a low loss) until the queue
+    is in use, then they are unrelated random vectors, so the loss climbs towards ln K whenever the queue is in."""
+    prototypes = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(engine, batch):  # noqa: ANN001, ANN202
+        z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
+        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
+        return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
+
+    return step

@@ -7,7 +7,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_crops, tiny_swav_model
+from helpers import queue_breaking_step, random_crops, tiny_swav_model
 from ignite.engine import Engine, Events
 from torch import nn
 
@@ -171,15 +171,7 @@ def test_a_loss_that_rises_when_the_queue_comes_in_is_blamed_on_the_queue(caplog
     # A constructed run: two views of an image agree (a low loss) until the queue is in use, then they are
     # unrelated random vectors, so the loss climbs towards ln K.
     loss_fn = SwAVLoss()
-    prototypes = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    g = torch.Generator().manual_seed(1)
-
-    def step(engine, batch):
-        z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
-        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
-        return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
-
-    trainer = Engine(step)
+    trainer = Engine(queue_breaking_step(loss_fn, seed=1))
     SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=3).attach(trainer)
     monitor = SwAVHealthMonitor(loss_fn)
     monitor.attach(trainer)

@@ -7,8 +7,7 @@ import logging
 import ignite.distributed as idist
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_swav_model
+from helpers import queue_breaking_step, tiny_swav_model
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from spawned import run_group
@@ -135,15 +134,7 @@ def test_the_monitor_blaming_the_queue_makes_the_guard_go_back_until_the_queue_i
     # The constructed run of test_health: two views agree until the queue is in use, then they are unrelated, so
     # the loss climbs each time the queue comes in; the real monitor blames it, the guard goes back.
     loss_fn = SwAVLoss()
-    prototypes = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    g = torch.Generator().manual_seed(1)
-
-    def step(engine, batch):
-        z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
-        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
-        return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
-
-    trainer = Engine(step)
+    trainer = Engine(queue_breaking_step(loss_fn, seed=1))
     queue_handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=3)
     queue_handler.attach(trainer)
     monitor = SwAVHealthMonitor(loss_fn)
@@ -257,15 +248,7 @@ def _two_rank_retreat(rank: int) -> None:
     # the constructed run above on two ranks, each with its own views: the monitor's figures are those of both
     # ranks, so both go back at the same iteration
     loss_fn = SwAVLoss()
-    prototypes = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    g = torch.Generator().manual_seed(1 + rank)
-
-    def step(engine, batch):
-        z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
-        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
-        return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
-
-    trainer = Engine(step)
+    trainer = Engine(queue_breaking_step(loss_fn, seed=1 + rank))
     queue_handler = SwAVQueueHandler(loss_fn, queue_length=32, epoch_queue_starts=3)
     queue_handler.attach(trainer)
     monitor = SwAVHealthMonitor(loss_fn)

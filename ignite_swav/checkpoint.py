@@ -212,28 +212,7 @@ def load_objects(
         raise ValueError(f"the checkpoint must be a mapping of names to states, got {type(state).__name__}")
     if len(to_load) == 1 and next(iter(to_load)) not in state:
         state = {next(iter(to_load)): state}  # as Ignite: a file of one object holds its state directly
-    missing = [key for key in to_load if key not in state]
-    if missing:
-        raise ValueError(f"the checkpoint has no entry {missing} (it holds {sorted(state)[:10]})")
-    for key, obj in to_load.items():
-        entry = state[key]
-        if isinstance(obj, nn.Module):
-            check_module_state(key, obj, entry)
-        elif isinstance(obj, Optimizer):
-            check_optimizer_state(key, obj, entry)
-        elif isinstance(obj, Engine):
-            check_engine_state(key, entry)
-        elif hasattr(obj, "validate_state_dict"):
-            try:
-                obj.validate_state_dict(entry)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"checkpoint entry '{key}': {error}") from None
-        elif hasattr(obj, "load_state_dict"):
-            try:
-                copy.deepcopy(obj).load_state_dict(entry)
-            except Exception as error:  # whatever the object raises, it means this entry cannot be used
-                detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-                raise ValueError(f"checkpoint entry '{key}' cannot be loaded ({detail})") from None
+    _check_entries(to_load, state)
     rescaled = _epoch_length_change(to_load, state, epoch_length)
     if rescaled is None:
         Checkpoint.load_objects(to_load=to_load, checkpoint=dict(state), **kwargs)
@@ -257,6 +236,37 @@ def load_objects(
         target = round(int(saved) * epoch_length / old_length) if per_iteration else int(saved)
         for _ in range(target):  # the scheduler's own steps: right for warm-ups, cycles and concatenations alike
             cast(Any, scheduler)(None)  # an Ignite handler: called as the engine calls it
+
+
+def _check_entries(to_load: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """The checks of :func:`load_objects` before it loads anything: every key of ``to_load`` has an entry in
+    ``state`` that its object can load. Changes nothing.
+
+    Raises:
+        ValueError: a key is missing or an entry is bad (the message names the key).
+    """
+    missing = [key for key in to_load if key not in state]
+    if missing:
+        raise ValueError(f"the checkpoint has no entry {missing} (it holds {sorted(state)[:10]})")
+    for key, obj in to_load.items():
+        entry = state[key]
+        if isinstance(obj, nn.Module):
+            check_module_state(key, obj, entry)
+        elif isinstance(obj, Optimizer):
+            check_optimizer_state(key, obj, entry)
+        elif isinstance(obj, Engine):
+            check_engine_state(key, entry)
+        elif hasattr(obj, "validate_state_dict"):
+            try:
+                obj.validate_state_dict(entry)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"checkpoint entry '{key}': {error}") from None
+        elif hasattr(obj, "load_state_dict"):
+            try:
+                copy.deepcopy(obj).load_state_dict(entry)
+            except Exception as error:  # whatever the object raises, it means this entry cannot be used
+                detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                raise ValueError(f"checkpoint entry '{key}' cannot be loaded ({detail})") from None
 
 
 def _epoch_length_change(

@@ -16,8 +16,9 @@ from ignite.base import Serializable
 from ignite.engine import Engine, Events
 from torch import Tensor
 
+from ignite_swav._distributed import values_by_rank
 from ignite_swav._validation import check_int
-from ignite_swav.checkpoint import load_objects
+from ignite_swav.checkpoint import _check_entries, load_objects
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import SwAVHealthMonitor
 from ignite_swav.queue import SwAVQueueHandler
@@ -76,8 +77,8 @@ class SwAVQueueGuard(Serializable):
     iteration, and the random state, on the CPU. When the monitor fires ``COLLAPSE_SUSPECTED`` with the queue as
     the likely cause (``report.queue_is_likely_cause``), at the end of that epoch the guard:
 
-    1. restores that copy (every object is checked before any is loaded) and rewinds the engine, whose next epoch
-       starts a new pass over the data as a resumed run does;
+    1. restores that copy (every object is checked, on every rank, before any is loaded) and rewinds the engine,
+       whose next epoch starts a new pass over the data as a resumed run does;
     2. reschedules the queue (:meth:`SwAVQueueHandler.reschedule`) by this rule: retreat ``n`` (1, 2, ...) of
        ``max_retreats`` makes the queue come in ``delay_epochs`` epochs later than the epoch it went back to,
        ``shrink`` times as long (rounded down to a multiple of the global batch); retreat ``max_retreats + 1``
@@ -257,11 +258,14 @@ class SwAVQueueGuard(Serializable):
 
         Raises:
             RuntimeError: no copy is held (the queue did not come in, or its window is over).
+            ValueError: the copy cannot be loaded on this rank or another one (the message names the ranks); nothing
+                was loaded on any rank.
         """
         snapshot = self.snapshot
         if snapshot is None:
             raise RuntimeError("SwAVQueueGuard holds no state from before the queue: there is nothing to go back to")
-        load_objects(self.to_save, snapshot["objects"])  # all objects checked before any is loaded
+        self._check_copy_on_every_rank(snapshot)
+        load_objects(self.to_save, snapshot["objects"])
         self.health_monitor.load_state_dict(snapshot["health_monitor"])
         _set_random_states(snapshot["rng"])
         at_epoch, at_iteration = int(engine.state.epoch), int(engine.state.iteration)
@@ -290,6 +294,23 @@ class SwAVQueueGuard(Serializable):
         engine.state.queue_retreat = retreat  # type: ignore[attr-defined]
         engine.fire_event(SwAVEvents.QUEUE_RETREATED)
         return retreat
+
+    def _check_copy_on_every_rank(self, snapshot: Mapping[str, Any]) -> None:
+        """Every object of the copy checked on every rank before any rank loads one: a copy bad on one rank stops
+        every rank with the same error, where one rank going back alone would leave the others waiting in its
+        collectives."""
+        problem = ""
+        try:
+            _check_entries(self.to_save, snapshot["objects"])
+            self.health_monitor.validate_state_dict(snapshot["health_monitor"])
+        except ValueError as error:
+            problem = str(error)
+        bad_ranks = [rank for rank, (bad,) in enumerate(values_by_rank([int(bool(problem))])) if bad]
+        if bad_ranks:
+            raise ValueError(
+                f"SwAVQueueGuard cannot go back: its copy of the state is bad on rank {bad_ranks} "
+                f"({problem or 'see that rank'}); no rank went back. Resume from the last checkpoint without the guard"
+            )
 
     def _next_queue(self, back_to_epoch: int) -> tuple[int, int]:
         handler = self.queue_handler

@@ -239,7 +239,7 @@ def test_a_bad_saved_state_is_refused_naming_what_is_wrong():
     nan_model["snapshot"]["objects"]["model"]["prototypes.weight"].fill_(float("nan"))
     guard.load_state_dict(nan_model)  # checked in full when it is used: every object before any is loaded
     model_before = weights(objects["model"])
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match=r"bad on rank \[0\] \(.*NaN or infinite.*no rank went back"):
         guard.retreat(trainer)
     assert_same_weights(weights(objects["model"]), model_before)
 
@@ -265,3 +265,30 @@ def _two_rank_retreat(rank: int) -> None:
 @pytest.mark.distributed
 def test_on_two_processes_every_rank_goes_back_at_the_same_iteration():
     run_group(_two_rank_retreat, timeout=120)
+
+
+def _copy_bad_on_rank_1(rank: int) -> None:
+    # rank 1's copy of the state turns bad before the retreat: both ranks stop at the same point with the same
+    # error naming rank 1, and neither has gone back (rank 0 alone loading would leave rank 1 in its collectives)
+    trainer, objects, guard = build(alarms_at=(3,))
+
+    @trainer.on(Events.EPOCH_STARTED(once=3))
+    def spoil_the_copy(engine: Engine) -> None:
+        if rank == 1:
+            guard.snapshot["objects"]["model"]["prototypes.weight"].fill_(float("nan"))
+
+    at_the_alarm = {}
+    last_step = Events.ITERATION_COMPLETED(once=3 * NUM_IMAGES // BATCH)  # before the epoch's end and the alarm
+    trainer.add_event_handler(last_step, lambda e: at_the_alarm.update(weights(objects["model"])))
+    with pytest.raises(ValueError, match=r"bad on rank \[1\] \(.*NaN or infinite|bad on rank \[1\] \(see that rank"):
+        trainer.run(loader(), max_epochs=6)
+    assert trainer.state.epoch == 3 and guard.retreats == []
+    assert_same_weights(weights(objects["model"]), at_the_alarm)
+    ended_at = idist.all_gather(torch.tensor([[trainer.state.iteration]]))
+    assert ended_at.flatten().tolist() == [18, 18]
+
+
+@pytest.mark.distributed
+def test_on_two_processes_a_copy_bad_on_one_rank_stops_every_rank_and_none_goes_back():
+    output = run_group(_copy_bad_on_rank_1, timeout=120)
+    assert output.count("Traceback") == 0, output

@@ -666,3 +666,22 @@ def test_reference_curves_are_made_from_runs_and_drawn_under_a_run(tmp_path: Pat
     finished = run(2, 0.1) | {"knn_top1_random_init": 0.7, "knn_top1_raw_pixels": 0.9}
     results_module.write_results(finished, tmp_path / "out", str(reference))
     assert (tmp_path / "out" / "history.png").stat().st_size > 10_000
+
+
+def test_a_checkpoint_of_version_0_2_resumes(tmp_path: Path, monkeypatch):
+    # tests/fixtures/checkpoint_0_2.pt: the example's checkpoint as ignite-swav 0.2.0 wrote it (epoch 2 of 2, the
+    # queue in use, the guard holding its copy); this version must go on from it
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+    import make_checkpoint_0_2 as fixture
+
+    monkeypatch.setattr(models.SmallResNet.__init__, "__defaults__", fixture.NARROW)
+    saved = Path(__file__).resolve().parent / "fixtures" / "checkpoint_0_2.pt"
+    output = tmp_path / "resumed"
+    arguments = [*fixture.ARGS, "--epochs", "3", "--output-dir", str(output), "--resume-from", str(saved)]
+    assert train_swav.main(arguments) == 0
+    res = results(output)
+    assert res["epochs"] == 3 and [r["epoch"] for r in res["history"]] == [1, 2, 3]
+    assert res["history"][-1]["queue_used"] and res["queue_retreats"] == []
+    resumed = torch.load(checkpoints(output)[-1], weights_only=True)
+    assert resumed["trainer"]["iteration"] == 9
+    assert resumed["queue_guard"]["snapshot"] is None  # the queue's window (2 epochs) ended without an alarm

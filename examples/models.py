@@ -9,12 +9,19 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import CosineAnnealingScheduler, PiecewiseLinear
 from swav_data import require
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, SwAVQueueGuard, SwAVQueueHandler
+from ignite_swav import (
+    SwAVLoss,
+    SwAVModel,
+    SwAVProjectionHead,
+    SwAVPrototypes,
+    SwAVQueueGuard,
+    SwAVQueueHandler,
+    create_swav_lr_scheduler,
+)
 
 CROPS_FOR_ASSIGN = (0, 1)  # the two large crops
 
@@ -110,20 +117,20 @@ def build_loss_and_queue_handler(args: argparse.Namespace) -> tuple[SwAVLoss, Sw
 def attach_lr_schedule(
     trainer: Engine, optimizer: torch.optim.Optimizer, args: argparse.Namespace, epoch_length: int
 ) -> dict[str, Any]:
-    """The reference's learning rate, set every iteration: linear warm-up from ``warmup_start_lr`` to ``lr`` over
-    ``warmup_epochs``, then cosine to ``final_lr``. Returns the schedulers, for the checkpoint: resumed on another
-    number of processes, ``load_objects(..., epoch_length=...)`` steps them to the same fraction of the run."""
-    warmup_iters = args.warmup_epochs * epoch_length
-    cosine = CosineAnnealingScheduler(
-        optimizer, "lr", args.lr, args.final_lr, cycle_size=max(2, (args.epochs - args.warmup_epochs) * epoch_length)
+    """The reference's learning rate, set every iteration (linear warm-up, then cosine to ``final_lr``). Returns
+    the scheduler, for the checkpoint: resumed on another number of processes, ``load_objects(...,
+    epoch_length=...)`` steps it to the same fraction of the run."""
+    scheduler = create_swav_lr_scheduler(
+        optimizer,
+        args.lr,
+        args.epochs,
+        epoch_length,
+        final_lr=args.final_lr,
+        warmup_epochs=args.warmup_epochs,
+        warmup_start_lr=args.warmup_start_lr,
     )
-    trainer.add_event_handler(Events.ITERATION_STARTED(event_filter=lambda _, i: i > warmup_iters), cosine)
-    schedulers: dict[str, Any] = {"lr_cosine": cosine}
-    if warmup_iters > 0:
-        warmup = PiecewiseLinear(optimizer, "lr", [(0, args.warmup_start_lr), (max(warmup_iters - 1, 1), args.lr)])
-        trainer.add_event_handler(Events.ITERATION_STARTED(event_filter=lambda _, i: i <= warmup_iters), warmup)
-        schedulers["lr_warmup"] = warmup
-    return schedulers
+    trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+    return {"lr_scheduler": scheduler}
 
 
 def attach_queue_guard(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> None:

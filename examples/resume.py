@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine
-from models import build_loss_and_queue_handler, build_model, build_optimizer
+from models import attach_lr_schedule, build_loss_and_queue_handler, build_model, build_optimizer
 from results import RunHistory
 from run_dir import CHECKPOINT_PREFIX
 from swav_config import ExampleError
@@ -104,6 +105,7 @@ def resume_run(
     # another --epochs: the schedule as if the run had been planned for that length (not the saved one's)
     planned = checkpoint["history"].get("config", {}).get("epochs")
     replanned = planned is not None and planned != args.epochs
+    checkpoint = with_one_lr_scheduler(checkpoint, args)
     schedulers = [key for key in to_save if key.startswith("lr_")]
     fresh = [key for key in schedulers if key not in checkpoint or replanned]
     try:
@@ -112,13 +114,36 @@ def resume_run(
     except ValueError as error:
         raise ExampleError(f"--resume-from '{args.resume_from}': {error}") from None
     state = trainer.state
-    done, warmup_iters = state.iteration, args.warmup_epochs * epoch_length
     for key in fresh:  # stepped to the run's iteration, as a scheduler of this plan would be there
-        steps = min(done, warmup_iters) if key == "lr_warmup" else max(0, done - warmup_iters)
-        for _ in range(steps):
+        for _ in range(state.iteration):
             to_save[key](None)
     if replanned:
         to_save["history"].config["epochs"] = args.epochs
         logger.info(f"the learning rate schedule follows --epochs {args.epochs} (the run was planned for {planned})")
     logger.info(f"resumed from '{args.resume_from}' at epoch {state.epoch} (iteration {state.iteration})")
     return state.epoch >= args.epochs
+
+
+def with_one_lr_scheduler(checkpoint: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``checkpoint`` with the learning rate schedule of this version: ignite-swav 0.2 saved two schedulers
+    ('lr_warmup', 'lr_cosine'), now one ('lr_scheduler'), in the checkpoint and in the queue guard's copy of the
+    state: their state replaced by the one's, stepped as many iterations on the saved epoch length."""
+    epoch_length = checkpoint["trainer"].get("epoch_length") or 1
+
+    def upgraded(states: dict[str, Any], iteration: int) -> dict[str, Any]:
+        if "lr_cosine" not in states:
+            return states
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)  # only its counts are kept
+        scheduler = attach_lr_schedule(Engine(lambda e, b: None), optimizer, args, epoch_length)["lr_scheduler"]
+        for _ in range(iteration):
+            scheduler(None)
+        kept = {k: v for k, v in states.items() if k not in ("lr_warmup", "lr_cosine")}
+        return {**kept, "lr_scheduler": scheduler.state_dict()}
+
+    checkpoint = upgraded(checkpoint, checkpoint["trainer"].get("iteration", 0))
+    guard = checkpoint.get("queue_guard")
+    snapshot = guard.get("snapshot") if isinstance(guard, dict) else None
+    if isinstance(snapshot, dict) and isinstance(snapshot.get("objects"), dict):
+        objects = upgraded(snapshot["objects"], snapshot.get("iteration", 0))
+        checkpoint["queue_guard"] = {**guard, "snapshot": {**snapshot, "objects": objects}}
+    return checkpoint

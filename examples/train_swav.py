@@ -84,6 +84,7 @@ from ignite_swav import (
     collate_images,
     create_swav_trainer,
     load_checkpoint_file,
+    unwrap_model,
 )
 
 __all__ = ["CHECKPOINT_KEYS", "ExampleError", "build_data", "main", "parse_args"]
@@ -121,9 +122,7 @@ def build_trainer(model: nn.Module, data: DataBundle, args: argparse.Namespace, 
     model = idist.auto_model(model, sync_bn=sync_bn)
     optimizer = idist.auto_optim(build_optimizer(model, args))
     loss_fn, queue_handler = build_loss_and_queue_handler(args)
-    freeze_iters = args.freeze_prototypes_iters
-    if args.freeze_prototypes_epochs is not None:
-        freeze_iters = round(args.freeze_prototypes_epochs * epoch_length)
+    by_epochs = args.freeze_prototypes_epochs is not None  # then the iterations' default is not used
     trainer = create_swav_trainer(
         model,
         optimizer,
@@ -133,7 +132,8 @@ def build_trainer(model: nn.Module, data: DataBundle, args: argparse.Namespace, 
         amp_mode="amp" if args.amp else None,
         scaler=bool(args.amp and device.type == "cuda"),
         deterministic=args.deterministic,
-        freeze_prototypes_iters=freeze_iters,
+        freeze_prototypes_iters=0 if by_epochs else args.freeze_prototypes_iters,
+        freeze_prototypes_epochs=args.freeze_prototypes_epochs,
         augment=BatchedMultiCrop.from_transform(data.multicrop) if args.gpu_augment else None,
         compile_model=args.compile,
     )
@@ -148,15 +148,11 @@ def build_trainer(model: nn.Module, data: DataBundle, args: argparse.Namespace, 
         **attach_lr_schedule(trainer, optimizer, args, epoch_length),
     }
     if args.online_probe and data.num_classes is not None:
-        objects["probe"] = OnlineLinearProbe(unwrapped(model).backbone, num_classes=data.num_classes)
+        objects["probe"] = OnlineLinearProbe(unwrap_model(model).backbone, num_classes=data.num_classes)
         objects["probe"].attach(trainer)
     if getattr(trainer.state, "scaler", None) is not None:
         objects["scaler"] = trainer.state.scaler  # float16 on CUDA: the loss scale resumes too
     return objects
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def attach_epoch_record(trainer: Engine, objects: dict[str, Any], data: DataBundle, args: argparse.Namespace) -> None:
@@ -183,7 +179,7 @@ def attach_epoch_record(trainer: Engine, objects: dict[str, Any], data: DataBund
         if health.history and health.history[-1]["alarm"]:  # the monitor ran first, at this epoch's end
             record["collapse_suspected"] = engine.state.collapse_report.kind
         if engine.state.epoch % args.eval_every == 0 or engine.state.epoch == args.epochs:
-            backbone = unwrapped(objects["model"]).backbone
+            backbone = unwrap_model(objects["model"]).backbone
             record |= evaluate_features(backbone, data, args, objects.get("probe"))
         objects["history"].records.append(record)
         log_epoch(record, args)

@@ -9,12 +9,13 @@ from ignite_swav.evaluation import KNNAccuracy, create_knn_evaluator, extract_fe
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import CollapseReport, SwAVHealthMonitor, diagnose
 from ignite_swav.loss import SwAVLoss, SwAVLossStep
-from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes, unwrap_model
 from ignite_swav.preemption import PreemptionHandler
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
 from ignite_swav.queue_guard import QueueRetreat, SwAVQueueGuard
+from ignite_swav.schedules import create_swav_lr_scheduler
 from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
@@ -47,6 +48,7 @@ __all__ = [
     "collate_crops",
     "collate_images",
     "create_knn_evaluator",
+    "create_swav_lr_scheduler",
     "create_swav_trainer",
     "decode_images",
     "diagnose",
@@ -60,4 +62,5 @@ __all__ = [
     "recalibrate_batchnorm",
     "sinkhorn",
     "swav_training_step",
+    "unwrap_model",
 ]

@@ -13,7 +13,7 @@ from ignite.engine import Engine
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ignite_swav._wrappers import unwrap_model
+from ignite_swav.modules import unwrap_model
 
 
 def check_module_state(key: str, module: nn.Module, state: Any) -> None:

@@ -29,6 +29,16 @@ def check_positive_float(name: str, value: object, minimum: float = 0.0) -> floa
     return value
 
 
+def check_nonnegative_float(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise if it is not a finite number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not 0.0 <= number < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {number}")
+    return number
+
+
 def check_crops_for_assign(value: object) -> tuple[int, ...]:
     """Return ``crops_for_assign`` as a tuple of distinct non-negative crop indices, or raise."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._distributed import all_reduce
-from ignite_swav._wrappers import unwrap_model
 from ignite_swav.loss import SwAVLoss
+from ignite_swav.modules import unwrap_model
 
 # The buffers a forward pass changes in place: BatchNorm's (and InstanceNorm's, when it tracks them) statistics.
 _RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

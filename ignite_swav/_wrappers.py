@@ -1,25 +1,11 @@
-"""The modules users hand us: the module inside their wrappers (DDP and DataParallel ``.module``, torch.compile
-``._orig_mod``), and a module evaluated without losing its mode."""
+"""A module evaluated without losing its mode (nor the modes of the modules inside it)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
 
 from torch import nn
-
-
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """``module`` without its DDP / DataParallel / ``torch.compile`` wrappers (a few levels at most)."""
-    for _ in range(8):
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = cast(nn.Module, module.module)
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = cast(nn.Module, module._orig_mod)
-        else:
-            break
-    return module
 
 
 def training_modes(module: nn.Module) -> dict[nn.Module, bool]:

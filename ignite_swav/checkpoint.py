@@ -212,7 +212,7 @@ def load_objects(
         raise ValueError(f"the checkpoint must be a mapping of names to states, got {type(state).__name__}")
     if len(to_load) == 1 and next(iter(to_load)) not in state:
         state = {next(iter(to_load)): state}  # as Ignite: a file of one object holds its state directly
-    _check_entries(to_load, state)
+    check_entries(to_load, state)
     rescaled = _epoch_length_change(to_load, state, epoch_length)
     if rescaled is None:
         Checkpoint.load_objects(to_load=to_load, checkpoint=dict(state), **kwargs)
@@ -226,7 +226,7 @@ def load_objects(
     trainer.state.iteration = trainer.state.epoch * epoch_length
     trainer.state.epoch_length = epoch_length
     for key, scheduler in schedulers.items():
-        saved = state[key].get("event_index", 0) if isinstance(state[key], Mapping) else 0
+        saved = _steps_taken(state[key])
         per_iteration = any(
             trainer.has_event_handler(scheduler, event)
             for event in (Events.ITERATION_STARTED, Events.ITERATION_COMPLETED)
@@ -238,7 +238,7 @@ def load_objects(
             cast(Any, scheduler)(None)  # an Ignite handler: called as the engine calls it
 
 
-def _check_entries(to_load: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+def check_entries(to_load: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     """The checks of :func:`load_objects` before it loads anything: every key of ``to_load`` has an entry in
     ``state`` that its object can load. Changes nothing.
 
@@ -267,6 +267,16 @@ def _check_entries(to_load: Mapping[str, Any], state: Mapping[str, Any]) -> None
             except Exception as error:  # whatever the object raises, it means this entry cannot be used
                 detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
                 raise ValueError(f"checkpoint entry '{key}' cannot be loaded ({detail})") from None
+
+
+def _steps_taken(scheduler_state: Any) -> int:
+    """The events a saved Ignite scheduler has run: its ``event_index``, or for a ``ConcatScheduler`` (which
+    counts nothing itself) the sum of its schedulers'."""
+    if not isinstance(scheduler_state, Mapping):
+        return 0
+    if isinstance(scheduler_state.get("schedulers"), list):
+        return sum(_steps_taken(inner) for inner in scheduler_state["schedulers"])
+    return int(scheduler_state.get("event_index", 0))
 
 
 def _epoch_length_change(

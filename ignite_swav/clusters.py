@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from ignite_swav._distributed import gather_rows, non_finite_on_any_rank, real_rows_of_rank, values_by_rank
 from ignite_swav._validation import check_int, check_positive_float
-from ignite_swav._wrappers import evaluating, unwrap_model
-from ignite_swav.modules import SwAVModel
+from ignite_swav._wrappers import evaluating
+from ignite_swav.modules import SwAVModel, unwrap_model
 from ignite_swav.sinkhorn import sinkhorn
 
 __all__ = ["assign_clusters"]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ignite_swav._distributed import all_reduce, check_same_on_every_rank, values_by_rank
-from ignite_swav._validation import check_int, device_type_of, resolve_autocast_dtype
+from ignite_swav._validation import check_int, check_nonnegative_float, device_type_of, resolve_autocast_dtype
 from ignite_swav._verdict import (
     StateGuard,
     Verdicts,
@@ -278,6 +278,7 @@ def create_swav_trainer(
     model_fn: Callable[[Any, Any], Any] = lambda model, x: model(x),
     *,
     freeze_prototypes_iters: int = 0,
+    freeze_prototypes_epochs: float | None = None,
     prototypes: nn.Module | None = None,
     augment: Callable[[Any], list[Tensor]] | None = None,
     compile_model: bool | dict[str, Any] = False,
@@ -326,6 +327,9 @@ def create_swav_trainer(
         freeze_prototypes_iters: number of first iterations whose optimizer steps leave the prototypes untouched
             (no gradient, so no momentum or weight decay either). The SwAV recipes freeze them for one epoch:
             5005 iterations at global batch 256 on ImageNet, 313 at 4096.
+        freeze_prototypes_epochs: the same in epochs, fractions allowed (``round(epochs * epoch_length)``
+            iterations, from the run's epoch length): ``1`` is the recipes' one epoch whatever the batch size and
+            number of processes. Give this or ``freeze_prototypes_iters``, not both.
         prototypes: the prototype layer (a module with a ``(K, D)`` ``weight``); default the model's
             ``prototypes`` attribute, found through DDP and ``torch.compile`` wrappers.
         augment: makes the crops from the prepared images on ``device``, outside autocast and without
@@ -400,6 +404,7 @@ def create_swav_trainer(
         gradient_accumulation_steps,
         model_fn if forward is model else lambda _, x: model_fn(forward, x),
         freeze_prototypes_iters=freeze_prototypes_iters,
+        freeze_prototypes_epochs=freeze_prototypes_epochs,
         prototypes=prototypes,
         augment=augment,
         autocast_dtype=autocast_dtype,
@@ -412,7 +417,8 @@ def create_swav_trainer(
     engine.add_event_handler(Events.STARTED, trainer._forget_stop)
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
     prototype_count = _prototype_weight(cast(nn.Module, prototypes or _find_prototypes(model))).shape[0]
-    engine.add_event_handler(Events.STARTED, _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters))
+    warnings = _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters, freeze_prototypes_epochs)
+    engine.add_event_handler(Events.STARTED, warnings)
     engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
     attach_verdict_reads(engine, update)
     engine.register_events(*SwAVEvents)
@@ -426,8 +432,11 @@ class _SettingsWarnings:
     """``STARTED``: the known-bad settings of the run (:func:`~ignite_swav.check_settings`), logged once each by rank
     0, with what the engine knows when the run starts: its loader's batch size and data set, its epochs."""
 
-    def __init__(self, loss_fn: SwAVLoss, num_prototypes: int, freeze_prototypes_iters: int) -> None:
-        self.loss_fn, self.num_prototypes, self.freeze = loss_fn, num_prototypes, freeze_prototypes_iters
+    def __init__(
+        self, loss_fn: SwAVLoss, num_prototypes: int, freeze_prototypes_iters: int, freeze_epochs: float | None
+    ) -> None:
+        self.loss_fn, self.num_prototypes = loss_fn, num_prototypes
+        self.freeze, self.freeze_epochs = freeze_prototypes_iters, freeze_epochs
         self.said: set[str] = set()
 
     def __call__(self, engine: Engine) -> None:
@@ -443,7 +452,7 @@ class _SettingsWarnings:
             num_prototypes=self.num_prototypes,
             data_length=data_length,
             epochs=engine.state.max_epochs,
-            freeze_prototypes_iters=self.freeze,
+            freeze_prototypes_iters=_frozen_iterations(self.freeze, self.freeze_epochs, engine.state.epoch_length),
         )
         for warning in warnings:
             if warning not in self.said and idist.get_rank() == 0:
@@ -540,6 +549,7 @@ def swav_training_step(
     model_fn: Callable[[Any, Any], Any] = lambda model, x: model(x),
     *,
     freeze_prototypes_iters: int = 0,
+    freeze_prototypes_epochs: float | None = None,
     prototypes: nn.Module | None = None,
     augment: Callable[[Any], list[Tensor]] | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -575,6 +585,7 @@ def swav_training_step(
         )
     accumulation = check_int("gradient_accumulation_steps", gradient_accumulation_steps, 1)
     freeze_prototypes_iters = check_int("freeze_prototypes_iters", freeze_prototypes_iters, 0)
+    freeze_epochs = _check_freeze_epochs(freeze_prototypes_iters, freeze_prototypes_epochs)
     if augment is not None and not callable(augment):
         raise TypeError(f"augment must be callable (images -> list of crop batches), got {type(augment).__name__}")
     prepare: Callable[..., tuple[Any, Any]] = prepare_batch or (
@@ -637,7 +648,8 @@ def swav_training_step(
         window["refused"] = refused if opens else window["refused"] | refused
         step.commit()
         if closes:
-            if iteration <= freeze_prototypes_iters:
+            frozen = _frozen_iterations(freeze_prototypes_iters, freeze_epochs, engine.state.epoch_length)
+            if iteration <= (frozen or 0):
                 for parameter in prototype_layer.parameters():
                     parameter.grad = None
             if scaler is not None:
@@ -662,6 +674,28 @@ def swav_training_step(
 
     update.settle = verdicts.settle_previous  # type: ignore[attr-defined]  # for the engine's epoch and run ends
     return update
+
+
+def _check_freeze_epochs(freeze_prototypes_iters: int, freeze_prototypes_epochs: object) -> float | None:
+    """``freeze_prototypes_epochs`` as a float (``None`` when not given), or raise when it is bad or given with
+    ``freeze_prototypes_iters``."""
+    if freeze_prototypes_epochs is None:
+        return None
+    epochs = check_nonnegative_float("freeze_prototypes_epochs", freeze_prototypes_epochs)
+    if freeze_prototypes_iters:
+        raise ValueError(
+            f"give freeze_prototypes_iters ({freeze_prototypes_iters}) or freeze_prototypes_epochs "
+            f"({freeze_prototypes_epochs}), not both"
+        )
+    return epochs
+
+
+def _frozen_iterations(iters: int, epochs: float | None, epoch_length: int | None) -> int | None:
+    """The iterations whose steps leave the prototypes as they are: ``iters``, or ``epochs`` of ``epoch_length``
+    (``None`` while the epoch length is not known)."""
+    if epochs is None:
+        return iters
+    return None if epoch_length is None else round(epochs * epoch_length)
 
 
 def _embeddings_and_scores(y_pred: Any) -> tuple[list[Tensor], list[Tensor]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ignite_swav._validation import check_int
 
-__all__ = ["SwAVModel", "SwAVProjectionHead", "SwAVPrototypes"]
+__all__ = ["SwAVModel", "SwAVProjectionHead", "SwAVPrototypes", "unwrap_model"]
 
 
 class SwAVProjectionHead(nn.Module):
@@ -207,3 +208,27 @@ class SwAVModel(nn.Module):
         scores = self.prototypes(embeddings)
         batch = crops[0].shape[0]
         return list(embeddings.split(batch)), list(scores.split(batch))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers a run puts around it: ``DistributedDataParallel`` and ``DataParallel``
+    (``idist.auto_model``: ``.module``) and ``torch.compile`` (``._orig_mod``), in any nesting. What to save,
+    export or evaluate, whose ``state_dict`` keys have no ``module.`` prefix.
+
+    Example:
+        >>> import torch
+        >>> from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes, unwrap_model
+        >>> model = SwAVModel(torch.nn.Flatten(), SwAVProjectionHead(12, 8, 4), SwAVPrototypes(4, 5))
+        >>> unwrap_model(torch.nn.DataParallel(model)) is model, unwrap_model(model) is model
+        (True, True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for _ in range(8):  # wrappers nest a few levels at most; a cycle of .module attributes must not loop forever
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = cast(nn.Module, model.module)
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            break
+    return model

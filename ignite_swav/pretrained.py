@@ -12,9 +12,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ignite_swav._wrappers import unwrap_model
 from ignite_swav.checkpoint import is_disk_full, load_checkpoint_file, write_durably
-from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes, unwrap_model
 
 __all__ = ["export_backbone", "load_official_checkpoint"]
 

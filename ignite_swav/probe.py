@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ignite_swav._distributed import all_reduce, broadcast
 from ignite_swav._state_checks import check_optimizer_state
 from ignite_swav._validation import check_int, check_positive_float
-from ignite_swav._wrappers import restore_modes, training_modes, unwrap_model
+from ignite_swav._wrappers import restore_modes, training_modes
+from ignite_swav.modules import unwrap_model
 
 __all__ = ["OnlineLinearProbe"]
 

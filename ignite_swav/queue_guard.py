@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ignite_swav._distributed import values_by_rank
 from ignite_swav._validation import check_int
-from ignite_swav.checkpoint import _check_entries, load_objects
+from ignite_swav.checkpoint import check_entries, load_objects
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import SwAVHealthMonitor
 from ignite_swav.queue import SwAVQueueHandler
@@ -301,7 +301,7 @@ class SwAVQueueGuard(Serializable):
         collectives."""
         problem = ""
         try:
-            _check_entries(self.to_save, snapshot["objects"])
+            check_entries(self.to_save, snapshot["objects"])
             self.health_monitor.validate_state_dict(snapshot["health_monitor"])
         except ValueError as error:
             problem = str(error)

@@ -95,6 +95,18 @@ def test_prototypes_are_frozen_for_the_first_iterations_and_then_train():
     assert model.backbone.conv.weight in optimizer.state
 
 
+def test_freezing_given_in_epochs_is_the_same_as_in_iterations_of_the_run_s_epoch_length():
+    def trained_weights(**freeze):
+        model = tiny_swav_model()
+        create_swav_trainer(model, sgd(model, lr=0.5), SwAVLoss(), **freeze).run(fake_loader(6), max_epochs=2)
+        return model.prototypes.weight.detach().clone()
+
+    half_an_epoch = trained_weights(freeze_prototypes_epochs=0.5)  # 3 of the epoch's 6 iterations
+    assert torch.equal(half_an_epoch, trained_weights(freeze_prototypes_iters=3))
+    assert not torch.equal(half_an_epoch, trained_weights(freeze_prototypes_iters=2))
+    assert torch.equal(trained_weights(freeze_prototypes_epochs=0), trained_weights())
+
+
 def test_no_freeze_trains_the_prototypes_at_once():
     model = tiny_swav_model()
     start = F.normalize(model.prototypes.weight.detach().clone(), dim=1)
@@ -151,6 +163,13 @@ def test_prepare_batch_accepts_crops_or_a_crops_target_pair():
     "kwargs,error,message",
     [
         ({"freeze_prototypes_iters": -1}, ValueError, "freeze_prototypes_iters must be an integer >= 0, got -1"),
+        ({"freeze_prototypes_epochs": -1}, ValueError, "freeze_prototypes_epochs must be a finite number >= 0"),
+        ({"freeze_prototypes_epochs": "1"}, TypeError, "freeze_prototypes_epochs must be a finite number >= 0"),
+        (
+            {"freeze_prototypes_epochs": 1, "freeze_prototypes_iters": 5},
+            ValueError,
+            r"give freeze_prototypes_iters \(5\) or freeze_prototypes_epochs \(1\), not both",
+        ),
         ({"amp_mode": "apex"}, ValueError, "amp_mode must be None or 'amp'"),
         ({"amp_mode": "amp", "device": "meta"}, ValueError, "device='meta' holds no values: train on 'cpu' or 'cuda'"),
         ({"amp_mode": "amp", "amp_dtype": torch.float64}, ValueError, "amp_dtype=torch.float64 cannot be used"),

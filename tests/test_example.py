@@ -59,7 +59,7 @@ def test_default_run_writes_checkpoints_results_and_plot(tmp_path: Path, capsys)
     assert any((output / "tensorboard").iterdir())  # Ignite's TensorboardLogger: tensorboard is in the test extra
     assert [p.name for p in checkpoints(output)] == ["swav_checkpoint_3.pt", "swav_checkpoint_6.pt"]
     checkpoint = torch.load(checkpoints(output)[-1], weights_only=True)
-    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe", "lr_cosine", "lr_warmup", "queue_guard"}
+    assert set(checkpoint) == {*train_swav.CHECKPOINT_KEYS, "health", "probe", "lr_scheduler", "queue_guard"}
     assert res["queue_retreats"] == []  # the queue guard is on by default with a queue, and took no action
     assert checkpoint["queue_handler"]["queue"].shape == (2, 32, 16)
     printed = capsys.readouterr().out
@@ -684,4 +684,6 @@ def test_a_checkpoint_of_version_0_2_resumes(tmp_path: Path, monkeypatch):
     assert res["history"][-1]["queue_used"] and res["queue_retreats"] == []
     resumed = torch.load(checkpoints(output)[-1], weights_only=True)
     assert resumed["trainer"]["iteration"] == 9
+    # 0.2's two schedulers ('lr_warmup', 'lr_cosine') went on as this version's one, 9 iterations in
+    assert "lr_cosine" not in resumed and sum(s["event_index"] for s in resumed["lr_scheduler"]["schedulers"]) == 9
     assert resumed["queue_guard"]["snapshot"] is None  # the queue's window (2 epochs) ended without an alarm

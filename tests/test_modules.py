@@ -3,7 +3,7 @@ import torch
 from helpers import TinyBackbone, random_crops, tiny_swav_model
 from torch import nn
 
-from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav import SwAVModel, SwAVProjectionHead, SwAVPrototypes, unwrap_model
 
 
 def test_projection_head_layers_and_unit_norm_output():
@@ -146,3 +146,15 @@ def test_crops_given_small_first_or_as_uint8_are_refused_with_the_reason():
         model(small_first)
     with pytest.raises(TypeError, match=r"crops\[0\] has dtype torch.uint8.*BatchedMultiCrop"):
         model([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)] * 2)
+
+
+def test_unwrap_model_finds_the_model_inside_dataparallel_and_compile_wrappers_in_any_nesting():
+    model = SwAVModel(torch.nn.Flatten(), SwAVProjectionHead(12, 8, 4), SwAVPrototypes(4, 5))
+    compiled = torch.compile(model)  # nothing is compiled until it is called
+    assert unwrap_model(model) is model
+    assert unwrap_model(compiled) is model
+    assert unwrap_model(torch.nn.DataParallel(compiled)) is model
+    assert unwrap_model(torch.compile(torch.nn.DataParallel(model))) is model
+    assert list(unwrap_model(torch.nn.DataParallel(model)).state_dict()) == list(model.state_dict())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        unwrap_model({"model": model})

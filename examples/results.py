@@ -7,17 +7,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
 from run_dir import write_atomically
 from swav_data import DataBundle
-
-from ignite_swav import SwAVEvents
 
 HEALTH_METRICS = ("prototype_usage", "code_entropy", "loss_over_lnk")
 logger = logging.getLogger("train_swav")
@@ -198,41 +193,3 @@ def log_epoch(record: dict[str, Any], args: argparse.Namespace) -> None:
         f"{record['prototype_usage']:.2f}, code entropy {record['code_entropy']:.2f}, "
         f"queue {'used' if record['queue_used'] else 'not used'}, {record['images_per_s']:.0f} images/s"
     )
-
-
-def attach_loggers(trainer: Engine, objects: dict[str, Any], args: argparse.Namespace) -> Any:
-    """On rank 0: a progress bar when the output is a terminal (a log file gets the epoch lines only), and Ignite's
-    TensorboardLogger in ``output_dir/tensorboard`` when tensorboard is installed."""
-    if idist.get_rank() > 0:
-        return None
-    if sys.stderr.isatty():
-        ProgressBar(persist=False, desc="SwAV").attach(trainer, output_transform=lambda loss: {"loss": loss})
-    try:
-        from ignite.handlers import TensorboardLogger
-        from ignite.handlers.tensorboard_logger import OptimizerParamsHandler, OutputHandler
-
-        tb_logger = TensorboardLogger(log_dir=str(args.output_dir / "tensorboard"))
-    except (ImportError, ModuleNotFoundError, RuntimeError):
-        return None
-    loss = OutputHandler("train", output_transform=lambda loss: {"loss": loss})
-    tb_logger.attach(trainer, loss, Events.ITERATION_COMPLETED)
-    tb_logger.attach(trainer, OptimizerParamsHandler(objects["optimizer"], "lr"), Events.ITERATION_STARTED)
-    tb_logger.attach(trainer, OutputHandler("epoch", metric_names=list(HEALTH_METRICS)), Events.EPOCH_COMPLETED)
-
-    guard = objects.get("queue_guard")
-    if guard is not None:
-
-        @trainer.on(SwAVEvents.QUEUE_RETREATED)
-        def retreated(engine: Engine) -> None:
-            step = guard.global_step_transform(engine)
-            tb_logger.writer.add_scalar("queue_guard/retreats", len(guard.retreats), step)
-            tb_logger.writer.add_scalar("queue_guard/queue_length", engine.state.queue_retreat.queue_length, step)
-
-    @trainer.on(Events.EPOCH_COMPLETED)  # after the epoch's record: its evaluations
-    def evaluations(engine: Engine) -> None:
-        record = objects["history"].records[-1]
-        for key in ("knn_top1", "online_linear_top1", "queue_used", "images_per_s"):
-            if key in record:
-                tb_logger.writer.add_scalar(f"epoch/{key}", float(record[key]), engine.state.epoch)
-
-    return tb_logger

@@ -4,6 +4,7 @@ and the checks that turn a bad value into one clear line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -14,6 +15,23 @@ import ignite.distributed as idist
 
 DATASETS = ("mnist5k", "digits", "cifar10", "stl10", "imagefolder")
 ARCHS = ("small_resnet", "resnet18", "resnet50")
+
+#: each logger and the package it needs (the one ``pip install`` names)
+LOGGER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "clearml": "clearml",
+    "neptune": "neptune",
+    "visdom": "visdom",
+    "polyaxon": "polyaxon",
+}
+
+
+def missing_packages(names: list[str]) -> list[str]:
+    """The packages of the loggers ``names`` that are not installed, in the loggers' order."""
+    packages = [LOGGER_PACKAGES[n] for n in names if n in LOGGER_PACKAGES]
+    return [package for package in packages if importlib.util.find_spec(package) is None]
 
 
 class ExampleError(Exception):
@@ -103,6 +121,14 @@ def add_run_flags(parser: argparse.ArgumentParser, setting: Any) -> None:
         default=None,
         help="draw history.png over reference curves: 'reference' (the main job's seeds 0-2, shipped for its data "
         "set) or a JSON file of reference_curves.py",
+    )
+    add(
+        "--logger",
+        nargs="+",
+        choices=(*LOGGER_PACKAGES, "none"),
+        default=["tensorboard"],
+        help="experiment loggers, Ignite's own (several allowed; 'none': none): loss, learning rate, health, probes "
+        "and speed, and the settings as the run's parameters (default: tensorboard)",
     )
     add(
         "--resume-from",
@@ -342,6 +368,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.compare_to is not None:
         args.compare_to = str(reference_file(args.compare_to, args.dataset))
+    missing = missing_packages(args.logger)
+    if missing:
+        raise ExampleError(
+            f"--logger {' '.join(args.logger)} needs {missing}, not installed: pip install {' '.join(missing)}"
+        )
     try:
         crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
     except ValueError as error:

@@ -31,6 +31,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from evaluation import cluster_nmi, evaluate_features, knn_top1, raw_pixel_knn_top1
+from experiment_loggers import attach_experiment_loggers, log_final_figures
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.metrics import Average, Frequency
@@ -54,7 +55,7 @@ from models import (
     build_model,
     build_optimizer,
 )
-from results import HEALTH_METRICS, RunHistory, attach_loggers, log_epoch, log_start, queue_retreats, write_results
+from results import HEALTH_METRICS, RunHistory, log_epoch, log_start, queue_retreats, write_results
 from resume import CHECKPOINT_KEYS, load_resume_checkpoint, newest_valid_checkpoint, resume_run
 from run_dir import (
     CHECKPOINT_PREFIX,
@@ -227,17 +228,16 @@ def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
     attach_epoch_record(trainer, objects, data, args)
     attach_queue_guard(trainer, objects, args)  # after the epoch's record, before the checkpoint
     attach_checkpoint(trainer, objects, args)
-    tb_logger = attach_loggers(trainer, objects, args)
+    loggers = attach_experiment_loggers(trainer, objects, args)  # and a progress bar on a terminal
     finished = False
     if args.resume_from is not None:  # main() checked this file against the run before any process started
         finished = resume_run(trainer, objects, load_checkpoint_file(args.resume_from), epoch_length, args)
     log_start(data, objects, args)
     if not finished:
         trainer.run(loader, max_epochs=args.epochs, epoch_length=None if args.resume_from else epoch_length)
-    if tb_logger is not None:
-        tb_logger.close()
     preempted = trainer.state.preempted is not None
     results = preempted_results(trainer, args) if preempted else final_results(objects, data, args)
+    log_final_figures(loggers, results, trainer.state.iteration)
     if idist.get_rank() == 0:
         verify_lock(args.output_dir / LOCK_NAME, args.lock_inode, holder=args.lock_pid)
         write_results(results, args.output_dir, args.compare_to)

@@ -687,3 +687,72 @@ def test_a_checkpoint_of_version_0_2_resumes(tmp_path: Path, monkeypatch):
     # 0.2's two schedulers ('lr_warmup', 'lr_cosine') went on as this version's one, 9 iterations in
     assert "lr_cosine" not in resumed and sum(s["event_index"] for s in resumed["lr_scheduler"]["schedulers"]) == 9
     assert resumed["queue_guard"]["snapshot"] is None  # the queue's window (2 epochs) ended without an alarm
+
+
+def test_mlflow_and_wandb_get_the_figures_and_the_settings_of_the_run(tmp_path: Path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")  # in the test extra: a skip here means a broken install, and CI fails it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    status, output = run(tmp_path, "--epochs", "2", "--eval-every", "1", "--logger", "mlflow", "wandb")
+    assert status == 0 and not (output / "tensorboard").exists()
+    res = results(output)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    (logged,) = client.search_runs(experiment_ids=["0"])
+    assert logged.data.params["num_prototypes"] == "16" and logged.data.params["dataset"] == "digits"
+
+    def history(name):
+        return [m.value for m in client.get_metric_history(logged.info.run_id, name)]
+
+    assert len(history("train loss")) == len(history("lr group_0")) == 6  # every iteration
+    assert history("health prototype_usage") == pytest.approx([r["prototype_usage"] for r in res["history"]])
+    assert history("epoch knn_top1") == pytest.approx([r["knn_top1"] for r in res["history"]])
+    assert history("final knn_top1") == pytest.approx([res["knn_top1"]])
+    (wandb_run,) = (output / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_run.read_bytes()  # protobuf records: the names are stored as they are
+    for name, times in {b"train/loss": 6, b"lr/group_0": 6, b"health/code_entropy": 2, b"epoch/knn_top1": 2}.items():
+        assert records.count(name) >= times, name
+    assert b"final/knn_top1" in records and b"num_prototypes" in records
+
+
+def test_a_logger_that_is_unknown_or_not_installed_is_one_line_before_anything_starts(
+    tmp_path: Path, capsys, monkeypatch
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "clearml" else find_spec(name, *a)
+    )
+    status, output = run(tmp_path, "--logger", "tensorboard", "clearml")
+    assert status == 2 and not output.exists()
+    assert (
+        "--logger tensorboard clearml needs ['clearml'], not installed: pip install clearml" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--logger", "comet")
+    assert "invalid choice: 'comet'" in capsys.readouterr().err
+
+
+def test_a_queue_guard_retreat_reaches_the_loggers_at_its_iteration(tmp_path: Path):
+    from types import SimpleNamespace
+
+    import experiment_loggers
+    from ignite.engine import Engine
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ignite_swav import SwAVEvents
+
+    trainer = Engine(lambda engine, batch: 0.0)
+    trainer.register_events(*SwAVEvents)
+    guard = SimpleNamespace(retreats=["first"], global_step_transform=lambda engine: 42)
+    objects = {"optimizer": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), "queue_guard": guard}
+    args = SimpleNamespace(output_dir=tmp_path, logger=["tensorboard"])
+    logger = experiment_loggers.create_logger("tensorboard", args)
+    experiment_loggers.attach_figures(logger, trainer, objects)
+    trainer.state.queue_retreat = SimpleNamespace(queue_length=128)
+    trainer.fire_event(SwAVEvents.QUEUE_RETREATED)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("queue_guard/retreats")] == [(42, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("queue_guard/queue_length")] == [(42, 128.0)]

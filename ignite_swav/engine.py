@@ -358,14 +358,14 @@ def create_swav_trainer(
         >>> isinstance(state.output, float)
         True
 
-        The SwAV recipe's schedule comes from Ignite (linear warm-up, then cosine, set every iteration), and
-        the queue from :class:`~ignite_swav.SwAVQueueHandler`:
+        The SwAV recipe's schedule is :func:`~ignite_swav.create_swav_lr_scheduler` (Ignite's schedulers: a linear
+        warm-up, then a cosine, set every iteration), and the queue comes from
+        :class:`~ignite_swav.SwAVQueueHandler`:
 
         .. code-block:: python
 
-            cosine = CosineAnnealingScheduler(optimizer, "lr", 0.6, 0.0006, cycle_size=steps - warmup_steps)
-            scheduler = create_lr_scheduler_with_warmup(cosine, 0.0, warmup_duration=warmup_steps)
-            trainer.add_event_handler(Events.ITERATION_STARTED, scheduler)
+            schedule = create_swav_lr_scheduler(optimizer, 0.6, epochs, len(loader), final_lr=0.0006)
+            trainer.add_event_handler(Events.ITERATION_STARTED, schedule)
             SwAVQueueHandler(loss_fn, queue_length=3840, epoch_queue_starts=15).attach(trainer)
     """
     _check_positional_types(model, optimizer, loss_fn)

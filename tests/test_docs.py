@@ -30,13 +30,14 @@ def test_every_python_block_of_the_readme_runs_as_written(tmp_path: Path, monkey
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
 
 
-def test_every_python_block_of_the_after_training_guide_runs_as_written(tmp_path: Path, monkeypatch):
-    blocks = python_blocks(ROOT / "docs" / "after-training.md")
-    assert len(blocks) >= 4, "a snippet for each of the four tools"
+@pytest.mark.parametrize("guide,least", [("after-training.md", 4), ("experiment-loggers.md", 1)])
+def test_every_python_block_of_the_guides_with_code_runs_as_written(guide, least, tmp_path: Path, monkeypatch):
+    blocks = python_blocks(ROOT / "docs" / guide)
+    assert len(blocks) >= least, "a snippet for each tool the guide shows"
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "after_training"}
+    namespace: dict = {"__name__": guide}
     for block in blocks:
-        exec(compile(block, "after-training.md", "exec"), namespace)  # noqa: S102 - the guide's own code
+        exec(compile(block, guide, "exec"), namespace)  # noqa: S102 - the guide's own code
 
 
 def test_the_api_reference_lists_every_public_name():

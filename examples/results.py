@@ -1,4 +1,4 @@
-"""What a run of ``train_swav.py`` says and leaves: its log lines, progress bar and TensorBoard figures, its
+"""What a run of ``train_swav.py`` says and leaves: its log lines, its
 per-epoch history (saved in the checkpoint), ``results.json``, ``history.png`` and the summary lines."""
 
 from __future__ import annotations

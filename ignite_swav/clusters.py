@@ -35,6 +35,7 @@ def assign_clusters(
     prepare_images: Callable[[Any], Tensor] = _images_of,
     epsilon: float = 0.05,
     sinkhorn_iterations: int = 3,
+    head: int = 0,
 ) -> Tensor:
     """The prototype (cluster) id of every image of ``data``, by a trained :class:`SwAVModel`.
 
@@ -46,7 +47,8 @@ def assign_clusters(
     the clusters are of about equal sizes, as in training.
 
     In an ``idist`` group every rank passes its own shard of the images; the ids of all ranks are gathered in
-    rank order (rank 0's images, then rank 1's, ...), the same on every rank.
+    rank order (rank 0's images, then rank 1's, ...), the same on every rank. A model of several prototype heads
+    (DeepCluster-v2, SeLa-v2) assigns by one: ``head`` (ids from 0 to K - 1 of that head).
 
     Returns:
         A ``LongTensor`` of prototype ids, one per image, on the CPU.
@@ -67,7 +69,11 @@ def assign_clusters(
         raise TypeError(f"balanced must be a bool, got {balanced!r}")
     epsilon = check_positive_float("epsilon", epsilon)
     sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
-    prototypes = F.normalize(swav.prototypes.weight.detach().float(), dim=1)
+    heads = swav.prototypes.num_heads
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+        raise ValueError(f"head must be an integer from 0 to {heads - 1} (the model's prototype heads), got {head!r}")
+    weight = swav.prototypes.weight.detach().float()
+    prototypes = F.normalize(weight.view(heads, -1, weight.shape[1])[head], dim=1)
     with evaluating(swav):
         scores = []
         for index, batch in enumerate(data):

@@ -416,7 +416,9 @@ def create_swav_trainer(
     # before any handler (a checkpoint) of the epoch's or the run's end looks at the model
     engine.add_event_handler(Events.STARTED, trainer._forget_stop)
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
-    prototype_count = _prototype_weight(cast(nn.Module, prototypes or _find_prototypes(model))).shape[0]
+    prototype_layer = cast(nn.Module, prototypes or _find_prototypes(model))
+    # per head: each head's equipartition spreads the batch over its own K prototypes
+    prototype_count = _prototype_weight(prototype_layer).shape[0] // int(getattr(prototype_layer, "num_heads", 1))
     warnings = _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters, freeze_prototypes_epochs)
     engine.add_event_handler(Events.STARTED, warnings)
     engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
@@ -607,6 +609,8 @@ def swav_training_step(
             "step fails without a word; pass scaler=True (create_swav_trainer) or a torch.amp.GradScaler, or use "
             "amp_dtype=torch.bfloat16"
         )
+    heads = int(getattr(prototype_layer, "num_heads", 1))  # SwAVPrototypes with several heads: (H, K, D) for the loss
+    loss_prototypes = prototype_weight if heads == 1 else prototype_weight.view(heads, -1, prototype_weight.shape[1])
     guard = StateGuard(model, extra=[prototype_weight])
     parameters = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): name for name, p in model.named_parameters()}
@@ -634,7 +638,7 @@ def swav_training_step(
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             y_pred = model_transform(model_fn(model, crops))
             embeddings, scores = _embeddings_and_scores(y_pred)
-            loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototype_weight, check_finite=False)
+            loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=loss_prototypes, check_finite=False)
             scaled = loss / accumulation if accumulation > 1 else loss
         if scaler is not None:
             scaler.scale(scaled).backward()

@@ -176,6 +176,10 @@ class SwAVHealthMonitor(Serializable):
     - ``"code_entropy"``: the mean entropy of the codes' rows divided by ln K (1.0: uniform codes);
     - ``"loss_over_lnk"``: the epoch's mean loss divided by ln K (a collapsed model sits at 1.0 or above).
 
+    With several prototype heads (``SwAVPrototypes(dim, [K] * H)``) the figures are of all heads combined: the
+    fraction of the ``H * K`` prototypes used, the entropy of every head's codes (each divided by ln K) and the
+    loss, itself the mean of the heads', over ln K.
+
     Then :func:`diagnose` looks at the history of these figures; when it suspects collapse, the trainer fires
     :attr:`SwAVEvents.COLLAPSE_SUSPECTED` with the :class:`CollapseReport` in ``trainer.state.collapse_report``,
     and one warning is logged (once per episode, by rank 0) naming the evidence and the remedies in order. A randomly
@@ -275,6 +279,7 @@ class SwAVHealthMonitor(Serializable):
         self._sums: Tensor | None = None  # (sum of row entropies, sum of losses)
         self._rows = 0
         self._steps = 0
+        self._width = 0  # K, the prototypes of one head
         self._queue_used = False
         self._last_step_seen: object = self.loss_fn.last_step
 
@@ -289,34 +294,46 @@ class SwAVHealthMonitor(Serializable):
         if step is None or step is self._last_step_seen:
             return  # the loss was not called in this iteration
         self._last_step_seen = step
-        codes, scores = step.codes, step.scores
-        if self._used is None or self._used.shape[0] != codes.shape[-1] or self._used.device != codes.device:
-            self._used = torch.zeros(codes.shape[-1], dtype=torch.float32, device=codes.device)
+        codes, scores, heads = step.codes, step.scores, step.num_heads
+        width = codes.shape[-1]  # K, per head
+        if self._used is None or self._used.shape[0] != heads * width or self._used.device != codes.device:
+            self._used = torch.zeros(heads * width, dtype=torch.float32, device=codes.device)
             self._sums = torch.zeros(2, dtype=torch.float32, device=codes.device)
+            self._width = width
         assert self._sums is not None
         entropy_and_loss = torch.stack([torch.special.entr(codes).sum(), step.loss.float()])
+        chosen = scores.argmax(dim=-1)
+        if heads > 1:  # the problems are crop 0's heads, then crop 1's: each head's prototypes have their own ids
+            chosen = chosen + self._head_offsets(heads, width, chosen)
         if step.accepted is None:
-            self._used.index_fill_(0, scores.argmax(dim=-1).flatten(), 1.0)
+            self._used.index_fill_(0, chosen.flatten(), 1.0)
             self._sums.add_(entropy_and_loss)
         else:  # a step the trainer refused (decided on the device) adds nothing
-            used = self._used.index_fill(0, scores.argmax(dim=-1).flatten(), 1.0)
+            used = self._used.index_fill(0, chosen.flatten(), 1.0)
             self._used.copy_(torch.where(step.accepted, used, self._used))
             self._sums.add_(torch.where(step.accepted, entropy_and_loss, 0.0))
         self._rows += codes.shape[0] * codes.shape[1]
         self._steps += 1
         self._queue_used = self._queue_used or self.loss_fn.use_queue
 
+    @staticmethod
+    def _head_offsets(heads: int, width: int, chosen: Tensor) -> Tensor:
+        """The id of each problem's first prototype, ``(A * H, 1)``: head ``h`` of every crop starts at ``h * K``."""
+        problems = torch.arange(chosen.shape[0], device=chosen.device)
+        return problems.remainder(heads).mul(width).unsqueeze(1)
+
     def compute(self) -> dict[str, float]:
         """The epoch's three metrics over all ranks (a collective: call it on every rank, also on a rank that saw
         no step); NaN when no rank saw a step."""
         # the counts first: a rank without a step does not know K, and must still take part
-        counts = values_by_rank([self._steps, self._rows, 0 if self._used is None else self._used.shape[0]])
+        used_size = 0 if self._used is None else self._used.shape[0]
+        counts = values_by_rank([self._steps, self._rows, used_size, self._width if used_size else 0])
         steps, rows = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        num_prototypes = max(c[2] for c in counts)
+        all_prototypes, num_prototypes = max(c[2] for c in counts), max(c[3] for c in counts)
         if steps == 0 or num_prototypes == 0:
             return dict.fromkeys(METRIC_NAMES, math.nan)
         device = self._used.device if self._used is not None else idist.device()
-        used = self._used if self._used is not None else torch.zeros(num_prototypes, device=device)
+        used = self._used if self._used is not None else torch.zeros(all_prototypes, device=device)
         sums = self._sums if self._sums is not None else torch.zeros(2, device=device)
         if idist.get_world_size() > 1:
             used, sums = all_reduce(used.clone(), op="MAX"), all_reduce(sums.clone(), op="SUM")

@@ -42,11 +42,14 @@ class SwAVLossStep(NamedTuple):
     """
 
     loss: Tensor  #: the scalar loss
-    codes: Tensor  #: ``(len(crops_for_assign), B, K)`` Sinkhorn codes of the assigned crops
-    scores: Tensor  #: ``(len(crops_for_assign), B, K)`` prototype scores of the assigned crops
+    #: ``(len(crops_for_assign) * H, B, K)`` Sinkhorn codes of the assigned crops, for each of the ``H`` prototype
+    #: heads (crop 0's heads first; ``H = 1`` for one head)
+    codes: Tensor
+    scores: Tensor  #: the prototype scores of the assigned crops, laid out as ``codes``
     #: a device boolean, false when the training step refused this call's values (set by the training step once it
     #: has decided; ``None`` when nobody decided)
     accepted: Tensor | None = None
+    num_heads: int = 1  #: the number of prototype heads ``H``
 
 
 def _one_crop_at_a_time(crop_scores: Tensor) -> bool:
@@ -81,7 +84,11 @@ class SwAVLoss(nn.Module):
     (:func:`ignite_swav.sinkhorn`, over all ranks) of that crop's scores, joined by the scores of the queue's
     embeddings under the current prototypes once the queue is full. The loss is the mean over assigned crops of
     the mean over the other crops ``v`` of ``-mean_batch(sum_k q_i * log_softmax(scores_v / temperature))``.
-    Uniform scores give ``ln(K)``. All crops are computed together: one log-softmax over all crops, the
+    Uniform scores give ``ln(K)``. With several prototype heads (``prototypes`` of shape ``(H, K, D)``, as
+    :class:`~ignite_swav.SwAVPrototypes` with a list of widths gives them, the reference's ``MultiPrototypes`` of
+    DeepCluster-v2 and SeLa-v2), each head has its own codes and softmax and the loss is the mean over the heads,
+    as the reference averages its heads' losses; the queue's embeddings are scored by every head. All crops are
+    computed together: one log-softmax over all crops, the
     assigned crops' Sinkhorn as one batched problem, one push into the queue.
 
     The queue: the attributes ``queue`` (``(len(crops_for_assign), L, D)`` tensor, or ``None``) and
@@ -181,7 +188,8 @@ class SwAVLoss(nn.Module):
         Args:
             scores: one ``(B, K)`` tensor of prototype scores per crop.
             embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop, in the same order.
-            prototypes: ``(K, D)`` prototype weight (L2-normalised rows).
+            prototypes: ``(K, D)`` prototype weight (L2-normalised rows), or ``(H, K, D)`` for ``H`` heads of ``K``
+                prototypes, whose scores are the ``H * K`` columns of ``scores``, head after head.
             check_finite: raise here on bad values. ``False`` leaves the check and the push into the queue to a
                 later :meth:`raise_if_non_finite` (at the latest, the next call does it), so that the device is not
                 waited for in the middle of the step; the queue is still pushed only when all is valid.
@@ -215,7 +223,7 @@ class SwAVLoss(nn.Module):
         )
         checked_prototypes = prototypes.detach() if used_queue is not None else None
         loss_value = loss.detach()
-        self.last_step = SwAVLossStep(loss_value, codes, assigned_scores)
+        self.last_step = SwAVLossStep(loss_value, codes, assigned_scores, num_heads=_num_heads(prototypes))
         self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue)
         if check_finite:
             self.raise_if_non_finite()
@@ -228,11 +236,12 @@ class SwAVLoss(nn.Module):
         scores of the assigned crops, this rank's check flags, all scores and the assigned embeddings (detached).
         ``queue`` is the queue when its scores join the Sinkhorn (a full queue), else ``None``."""
         batch_size = scores[0].shape[0]
-        num_crops, num_assigned = len(scores), len(self.crops_for_assign)
-        stacked_scores = torch.stack(list(scores))  # (V, B, K)
+        num_crops, num_assigned, heads = len(scores), len(self.crops_for_assign), _num_heads(prototypes)
+        stacked_scores = torch.stack(list(scores))  # (V, B, H * K)
         all_scores = stacked_scores.detach()
         assigned, limits = self._constants(all_scores.device)
-        assigned_scores = all_scores.index_select(0, assigned)
+        # one Sinkhorn problem per assigned crop and head: (A * H, B, K)
+        assigned_scores = _per_head(all_scores.index_select(0, assigned), heads)
 
         # The Sinkhorn's rows: the assigned crops' scores, then the queue's scores under the current prototypes,
         # read before this step's push.
@@ -240,14 +249,14 @@ class SwAVLoss(nn.Module):
         codes = codes_from_rows(
             rows, batch_size, self.sinkhorn_iterations, self.epsilon, self._sinkhorn_method, scratch
         )
-        weighted = self._weighted_log_probs(stacked_scores, scores, codes, assigned)
-        loss = weighted.div(-(batch_size * (num_crops - 1) * num_assigned))
+        weighted = self._weighted_log_probs(stacked_scores, scores, _all_heads(codes, heads), assigned, heads)
+        loss = weighted.div(-(batch_size * (num_crops - 1) * num_assigned * heads))
 
         # Every check in one small tensor of this rank, compared on the device; the crops are looked at only when
         # something is wrong. NaN compares false, so it fails every check.
         pushed_embeddings = torch.stack([embeddings[c] for c in self.crops_for_assign]).detach()
         unit_prototypes = (
-            torch.linalg.vector_norm(prototypes.detach().float(), dim=1).sub_(1).abs_().amax()
+            torch.linalg.vector_norm(prototypes.detach().float(), dim=-1).sub_(1).abs_().amax()
             if queue is not None  # the prototypes score the queue: they must be unit rows too
             else limits[3]
         )
@@ -274,8 +283,7 @@ class SwAVLoss(nn.Module):
             # a compiled graph allocates and fuses its own buffers (an out= into a slice would break the graph)
             blocks = [assigned_scores.to(dtype)]
             if queue is not None:
-                transposed = prototypes.detach().to(dtype).t().expand(len(self.crops_for_assign), -1, -1)
-                blocks.append(torch.bmm(queue.to(dtype), transposed))
+                blocks.append(torch.bmm(*self._queue_factors(queue, prototypes, dtype)))
             return torch.cat(blocks, dim=1), None
         batch_size = assigned_scores.shape[1]
         length = 0 if queue is None else queue.shape[1]
@@ -283,12 +291,20 @@ class SwAVLoss(nn.Module):
         rows, scratch = self._workspace(shape, assigned_scores.device)
         rows[:, :batch_size] = assigned_scores
         if queue is not None:
-            transposed = prototypes.detach().to(dtype).t().expand(len(self.crops_for_assign), -1, -1)
-            torch.bmm(queue.to(dtype), transposed, out=rows[:, batch_size:])
+            torch.bmm(*self._queue_factors(queue, prototypes, dtype), out=rows[:, batch_size:])
         return rows, scratch
 
+    def _queue_factors(self, queue: Tensor, prototypes: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The queue's rows and the prototypes, as the batched product giving the queue's scores of every assigned
+        crop and head, laid out as the Sinkhorn's problems: ``(A * H, L, D)`` and ``(A * H, D, K)``."""
+        heads, num_assigned = _num_heads(prototypes), len(self.crops_for_assign)
+        if heads == 1:
+            return queue.to(dtype), prototypes.detach().to(dtype).t().expand(num_assigned, -1, -1)
+        per_head = prototypes.detach().to(dtype).transpose(1, 2)  # (H, D, K)
+        return queue.to(dtype).repeat_interleave(heads, dim=0), per_head.repeat(num_assigned, 1, 1)
+
     def _weighted_log_probs(
-        self, stacked_scores: Tensor, scores: Sequence[Tensor], codes: Tensor, assigned: Tensor
+        self, stacked_scores: Tensor, scores: Sequence[Tensor], codes: Tensor, assigned: Tensor, heads: int
     ) -> Tensor:
         """The sum over assigned crops i and other crops v of ``codes_i . log_softmax(scores_v / temperature)``, as a
         float32 scalar: crop v's log-probabilities weigh by the codes of the assigned crops other than v (their sum,
@@ -300,14 +316,14 @@ class SwAVLoss(nn.Module):
         if not _one_crop_at_a_time(scores[0]):
             weights = total.expand(len(scores), -1, -1).clone()
             weights.index_add_(0, assigned, codes, alpha=-1)
-            log_probs = F.log_softmax(stacked_scores.float().div(self.temperature), dim=2)
-            return torch.dot(weights.view(-1), log_probs.view(-1))
+            log_probs = _log_softmax_per_head(stacked_scores.float().div(self.temperature), heads)
+            return torch.dot(weights.view(-1), log_probs.reshape(-1))
         terms = []
         for crop, crop_scores in enumerate(scores):
             assigned_slot = self.crops_for_assign.index(crop) if crop in self.crops_for_assign else None
             weight = total if assigned_slot is None else total - codes[assigned_slot]
-            log_probs = F.log_softmax(crop_scores.float().div(self.temperature), dim=1)
-            terms.append(torch.dot(weight.view(-1), log_probs.view(-1)))
+            log_probs = _log_softmax_per_head(crop_scores.float().div(self.temperature), heads)
+            terms.append(torch.dot(weight.view(-1), log_probs.reshape(-1)))
         return torch.stack(terms).sum()
 
     def raise_if_non_finite(self) -> None:
@@ -432,17 +448,21 @@ class SwAVLoss(nn.Module):
                 )
             if not s.is_floating_point() or not z.is_floating_point():
                 raise TypeError(f"scores[{v}] and embeddings[{v}] must be floating point, got {s.dtype}, {z.dtype}")
-        if not isinstance(prototypes, Tensor) or prototypes.ndim != 2:
-            raise ValueError(f"prototypes must be a (K, D) tensor, got {getattr(prototypes, 'shape', prototypes)}")
-        if prototypes.shape[1] != feat_dim:
+        if not isinstance(prototypes, Tensor) or prototypes.ndim not in (2, 3):
             raise ValueError(
-                f"prototypes have width {prototypes.shape[1]} (shape {tuple(prototypes.shape)}), but the "
+                "prototypes must be a (K, D) tensor, or (H, K, D) for H heads, got "
+                f"{getattr(prototypes, 'shape', prototypes)}"
+            )
+        if prototypes.shape[-1] != feat_dim:
+            raise ValueError(
+                f"prototypes have width {prototypes.shape[-1]} (shape {tuple(prototypes.shape)}), but the "
                 f"embeddings have width {feat_dim}: they must match"
             )
-        if prototypes.shape[0] != num_prototypes:
+        rows = prototypes.shape[:-1].numel()
+        if rows != num_prototypes:
             raise ValueError(
-                f"prototypes have {prototypes.shape[0]} rows, but the scores have {num_prototypes} columns: "
-                "one score per prototype is expected"
+                f"prototypes have {rows} rows (shape {tuple(prototypes.shape)}), but the scores have {num_prototypes} "
+                "columns: one score per prototype is expected"
             )
         if scores[0].device.type == "meta":
             raise ValueError("scores are on the 'meta' device, which holds no values: the loss needs real tensors")
@@ -498,10 +518,38 @@ class SwAVLoss(nn.Module):
                     "prototype layer before every step; SwAVPrototypes.normalize_() does it by hand)"
                 )
         if prototypes is not None:
-            norms = torch.linalg.vector_norm(prototypes.float(), dim=1)
+            norms = torch.linalg.vector_norm(prototypes.float(), dim=-1)
             return (
                 f"the prototypes are not unit rows (norms from {float(norms.min()):.3g} to {float(norms.max()):.3g}) "
                 "while they score the queue: normalise them before every step (create_swav_trainer does; "
                 "SwAVPrototypes.normalize_() by hand)"
             )
         return "non-finite values (NaN or inf) in the loss although the scores are finite: the temperature is too small"
+
+
+def _num_heads(prototypes: Tensor) -> int:
+    """The prototype heads of a ``(K, D)`` (one) or ``(H, K, D)`` prototype tensor."""
+    return 1 if prototypes.ndim == 2 else prototypes.shape[0]
+
+
+def _per_head(values: Tensor, heads: int) -> Tensor:
+    """``(A, B, H * K)`` as ``(A * H, B, K)``: one problem per crop and head (crop 0's heads first)."""
+    if heads == 1:
+        return values
+    num, batch, columns = values.shape
+    return values.view(num, batch, heads, columns // heads).transpose(1, 2).reshape(num * heads, batch, -1)
+
+
+def _all_heads(values: Tensor, heads: int) -> Tensor:
+    """The inverse of :func:`_per_head`: ``(A * H, B, K)`` as ``(A, B, H * K)``."""
+    if heads == 1:
+        return values
+    problems, batch, width = values.shape
+    return values.view(problems // heads, heads, batch, width).transpose(1, 2).reshape(problems // heads, batch, -1)
+
+
+def _log_softmax_per_head(values: Tensor, heads: int) -> Tensor:
+    """``log_softmax`` over each head's ``K`` columns of the last dimension (``H * K`` wide)."""
+    if heads == 1:
+        return F.log_softmax(values, dim=-1)
+    return F.log_softmax(values.unflatten(-1, (heads, -1)), dim=-1).flatten(-2)

@@ -55,8 +55,17 @@ class SwAVProjectionHead(nn.Module):
 class SwAVPrototypes(nn.Linear):
     """The prototypes: a bias-free Linear whose weight rows are the ``num_prototypes`` cluster centres.
 
+    Several heads (``num_prototypes=[3000, 3000, 3000]``, the reference's ``MultiPrototypes`` of DeepCluster-v2
+    and SeLa-v2): one Linear of all the heads' rows, head after head, so that the scores are one matrix product
+    and the state dict one ``weight`` of ``(H * K, D)``; :class:`~ignite_swav.SwAVLoss` gives each head its own
+    codes and averages the heads' losses. The heads must have one width.
+
     Call :meth:`normalize_` before every forward (``create_swav_trainer`` does) so that the scores are cosine
     similarities: unnormalised prototypes drift in norm and destabilise the Sinkhorn.
+
+    Args:
+        feat_dim: width of the embeddings.
+        num_prototypes: prototypes of the one head, or a list of each head's (all equal).
 
     Example:
         >>> import torch
@@ -65,15 +74,39 @@ class SwAVPrototypes(nn.Linear):
         >>> prototypes.normalize_()
         >>> prototypes(torch.randn(4, 128)).shape
         torch.Size([4, 3000])
+        >>> heads = SwAVPrototypes(feat_dim=128, num_prototypes=[3000, 3000, 3000])
+        >>> heads(torch.randn(4, 128)).shape, heads.num_heads, heads.per_head().shape
+        (torch.Size([4, 9000]), 3, torch.Size([3, 3000, 128]))
     """
 
-    def __init__(self, feat_dim: int = 128, num_prototypes: int = 3000) -> None:
-        super().__init__(check_int("feat_dim", feat_dim, 1), check_int("num_prototypes", num_prototypes, 1), bias=False)
+    def __init__(self, feat_dim: int = 128, num_prototypes: int | Sequence[int] = 3000) -> None:
+        if isinstance(num_prototypes, Sequence) and not isinstance(num_prototypes, str):
+            if len(num_prototypes) == 0:
+                raise ValueError("num_prototypes must name at least one head, got an empty list")
+            widths = [check_int(f"num_prototypes[{h}]", k, 1) for h, k in enumerate(num_prototypes)]
+            if len(set(widths)) > 1:
+                raise ValueError(
+                    f"num_prototypes gives heads of different widths {widths}: every head must have as many prototypes "
+                    "(their codes and losses are computed together)"
+                )
+        else:
+            widths = [check_int("num_prototypes", num_prototypes, 1)]
+        super().__init__(check_int("feat_dim", feat_dim, 1), sum(widths), bias=False)
+        #: the number of prototype heads
+        self.num_heads = len(widths)
 
     @torch.no_grad()
     def normalize_(self) -> None:
         """L2-normalise each prototype (weight row) in place."""
         self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def per_head(self) -> Tensor:
+        """The weight as :class:`~ignite_swav.SwAVLoss` takes it: ``(K, D)`` for one head, ``(H, K, D)`` for ``H``
+        (a view: no copy)."""
+        return self.weight if self.num_heads == 1 else self.weight.view(self.num_heads, -1, self.in_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", num_heads={self.num_heads}" if self.num_heads > 1 else "")
 
 
 def _size_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:

@@ -63,7 +63,7 @@ def load_official_checkpoint(
     arch: str = "resnet50",
     *,
     require_head: bool = False,
-    prototype_head: int = 0,
+    prototype_head: int | None = None,
 ) -> SwAVModel:
     """A :class:`SwAVModel` from a checkpoint released by facebookresearch/swav (``swav_800ep_pretrain.pth.tar``
     and the others), or written by its ``main_swav.py``.
@@ -72,7 +72,8 @@ def load_official_checkpoint(
     in torchvision's ResNet names (the reference pads the input by 1 and its first convolution by 2, which is
     torchvision's padding of 3); ``projection_head.0`` / ``.1`` / ``.3`` the Linear, BatchNorm1d and Linear of
     the head (or ``projection_head`` a single Linear); ``prototypes.weight`` (3000 x 128 in the releases), or
-    ``prototypes.prototypes0.weight``, ... for several prototype heads. The file is read with
+    ``prototypes.prototypes0.weight``, ... for the several prototype heads of the DeepCluster-v2 and SeLa-v2
+    releases (3 heads of 3000), all loaded into one :class:`SwAVPrototypes` of as many heads. The file is read with
     :func:`~ignite_swav.load_checkpoint_file` (``weights_only``: no code in it runs).
 
     The returned model's backbone is ``torchvision.models.<arch>()`` with ``fc`` replaced by ``nn.Identity``, its
@@ -85,7 +86,7 @@ def load_official_checkpoint(
         source: the checkpoint file, or its loaded state dict.
         arch: the torchvision builder of the backbone.
         require_head: raise when the file holds no projection head or no prototypes.
-        prototype_head: which prototype head of a file with several to use.
+        prototype_head: keep only this prototype head of a file with several (default: all of them).
 
     Raises:
         ValueError: the file is not a checkpoint of this format, holds keys that are neither ``arch``'s nor
@@ -103,8 +104,10 @@ def load_official_checkpoint(
         >>> model.projection.out_dim, model.prototypes.weight.shape
         (16, torch.Size([10, 16]))
     """
-    if isinstance(prototype_head, bool) or not isinstance(prototype_head, int) or prototype_head < 0:
-        raise ValueError(f"prototype_head must be an integer >= 0, got {prototype_head!r}")
+    if prototype_head is not None and (
+        isinstance(prototype_head, bool) or not isinstance(prototype_head, int) or prototype_head < 0
+    ):
+        raise ValueError(f"prototype_head must be None (all heads) or an integer >= 0, got {prototype_head!r}")
     state = _state_of(source, "source")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a checkpoint of main_swav.py: {"epoch", "state_dict", "optimizer", ...}
@@ -198,25 +201,35 @@ def _projection_head(head: dict[str, Tensor], width: int, out_dim: int) -> SwAVP
     return projection
 
 
-def _prototypes(weights: dict[str, Tensor], feat_dim: int, head: int) -> SwAVPrototypes:
+def _prototypes(weights: dict[str, Tensor], feat_dim: int, head: int | None) -> SwAVPrototypes:
     if not weights:
         return SwAVPrototypes(feat_dim, 3000)
     if "weight" in weights and len(weights) == 1:
-        weight = weights["weight"]
+        heads = [weights["weight"]]
+        if head not in (None, 0):
+            raise ValueError(f"prototype_head={head}, but the checkpoint holds one prototype head (0)")
     else:
-        heads = sorted(k for k in weights if k.startswith("prototypes") and k.endswith(".weight"))
-        if len(heads) != len(weights):
-            raise ValueError(f"the checkpoint's prototypes have keys {_described(sorted(weights))}")
-        name = f"prototypes{head}.weight"
-        if name not in weights:
-            raise ValueError(f"prototype_head={head}, but the checkpoint holds prototype heads 0..{len(heads) - 1}")
-        weight = weights[name]
-    if weight.ndim != 2 or weight.shape[1] != feat_dim:
-        raise ValueError(
-            f"the checkpoint's prototypes are {tuple(weight.shape)}, expected (K, {feat_dim}) for its embeddings"
-        )
-    prototypes = SwAVPrototypes(feat_dim, weight.shape[0])
-    prototypes.weight.data.copy_(weight)
+        names = [f"prototypes{h}.weight" for h in range(len(weights))]  # MultiPrototypes: prototypes0, 1, ...
+        if sorted(weights) != sorted(names):
+            raise ValueError(
+                f"the checkpoint's prototypes have keys {_described(sorted(weights))}: expected 'weight', or "
+                "'prototypes0.weight', 'prototypes1.weight', ... (the layout of several heads)"
+            )
+        if head is not None and head >= len(names):
+            raise ValueError(f"prototype_head={head}, but the checkpoint holds prototype heads 0..{len(names) - 1}")
+        heads = [weights[name] for name in names] if head is None else [weights[names[head]]]
+    for weight in heads:
+        if weight.ndim != 2 or weight.shape[1] != feat_dim:
+            raise ValueError(
+                f"the checkpoint's prototypes are {tuple(weight.shape)}, expected (K, {feat_dim}) for its embeddings"
+            )
+        if weight.shape[0] != heads[0].shape[0]:
+            raise ValueError(
+                f"the checkpoint's prototype heads have different widths {[w.shape[0] for w in heads]}: a "
+                "SwAVPrototypes holds heads of one width"
+            )
+    prototypes = SwAVPrototypes(feat_dim, [w.shape[0] for w in heads] if len(heads) > 1 else heads[0].shape[0])
+    prototypes.weight.data.copy_(torch.cat(heads))
     return prototypes
 
 

@@ -161,7 +161,7 @@ def _inputs():
         (lambda s, z, p: ([s[0], s[1][:3], s[2]], z, p), r"scores\[1\] has shape \(3, 10\).*same batch size"),
         (lambda s, z, p: (s, [z[0], z[1], z[2][:2]], p), r"embeddings\[2\] has shape \(2, 8\), expected \(4, 8\)"),
         (lambda s, z, p: (s, z, p[:, :5]), "prototypes have width 5.*embeddings have width 8"),
-        (lambda s, z, p: (s, z, p[:7]), "prototypes have 7 rows, but the scores have 10 columns"),
+        (lambda s, z, p: (s, z, p[:7]), r"prototypes have 7 rows \(shape \(7, 8\)\), but the scores have 10 columns"),
         (lambda s, z, p: (s[0], z, p), "scores must be a list with one tensor per crop"),
         (lambda s, z, p: ([t[0] for t in s], z, p), r"scores\[0\] must be a 2-D tensor"),
         (lambda s, z, p: ([t[:0] for t in s], [t[:0] for t in z], p), "empty batch"),

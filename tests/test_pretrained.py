@@ -12,6 +12,7 @@ from ignite_swav import (
     SwAVModel,
     SwAVProjectionHead,
     SwAVPrototypes,
+    assign_clusters,
     export_backbone,
     load_official_checkpoint,
 )
@@ -88,6 +89,32 @@ def test_a_main_swav_checkpoint_and_several_prototype_heads():
     assert torch.equal(model.prototypes.weight, state["module.prototypes.prototypes1.weight"])
     with pytest.raises(ValueError, match=r"prototype_head=3, but the checkpoint holds prototype heads 0..2"):
         load_official_checkpoint(state, arch="resnet18", prototype_head=3)
+    with pytest.raises(ValueError, match=r"prototype heads have different widths \[30, 40, 50\]"):
+        load_official_checkpoint(state, arch="resnet18")
+
+
+def test_a_deepcluster_v2_or_sela_v2_release_loads_with_all_its_heads(tmp_path):
+    # their releases: three heads of 3000 prototypes (MultiPrototypes: prototypes.prototypes0..2), here of 30
+    state = released_checkpoint(prototypes=(30, 30, 30))
+    model = load_official_checkpoint(state, require_head=True)
+    assert model.prototypes.num_heads == 3 and model.prototypes.weight.shape == (90, 128)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        (_,), (scores,) = model([images])
+    for head in range(3):
+        _, _, expected = by_hand(state, images, prototype_key=f"prototypes.prototypes{head}.weight")
+        assert torch.allclose(scores[:, 30 * head : 30 * (head + 1)], expected, atol=1e-5)
+        ids = assign_clusters(model, [images], head=head)
+        assert torch.equal(ids, expected.argmax(dim=1))
+    with pytest.raises(ValueError, match=r"head must be an integer from 0 to 2 \(the model's prototype heads\), got 3"):
+        assign_clusters(model, [images], head=3)
+    exported = export_backbone(model, tmp_path / "backbone.pt", arch="resnet50")
+    assert set(exported) == {k for k in models.resnet50().state_dict() if not k.startswith("fc.")}
+    one_head = load_official_checkpoint(state, prototype_head=2)
+    assert torch.equal(one_head.prototypes.weight, state["module.prototypes.prototypes2.weight"])
+    bad = {**state, "module.prototypes.prototypes7.weight": state["module.prototypes.prototypes0.weight"]}
+    with pytest.raises(ValueError, match="expected 'weight', or 'prototypes0.weight', 'prototypes1.weight'"):
+        load_official_checkpoint(bad)
 
 
 def test_a_backbone_only_release_gets_a_fresh_head_or_a_clear_error(caplog):
@@ -143,7 +170,7 @@ def test_bad_arguments_are_refused():
         load_official_checkpoint(state, arch="get_model")  # a callable of torchvision.models, not a builder
     with pytest.raises(TypeError, match="source must be a path or a state dict, got int"):
         load_official_checkpoint(3)
-    with pytest.raises(ValueError, match="prototype_head must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"prototype_head must be None \(all heads\) or an integer >= 0, got -1"):
         load_official_checkpoint(state, arch="resnet18", prototype_head=-1)
 
 

@@ -15,6 +15,7 @@ from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
 from ignite_swav.queue import SwAVQueueHandler
 from ignite_swav.queue_guard import QueueRetreat, SwAVQueueGuard
+from ignite_swav.releases import RELEASES, Release, download_release, resnet50_wide
 from ignite_swav.schedules import create_swav_lr_scheduler
 from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
@@ -33,6 +34,8 @@ __all__ = [
     "OnlineLinearProbe",
     "PreemptionHandler",
     "QueueRetreat",
+    "RELEASES",
+    "Release",
     "SwAVEvents",
     "SwAVHealthMonitor",
     "SwAVLoss",
@@ -52,6 +55,7 @@ __all__ = [
     "create_swav_trainer",
     "decode_images",
     "diagnose",
+    "download_release",
     "export_backbone",
     "extract_features",
     "load_checkpoint_file",
@@ -60,6 +64,7 @@ __all__ = [
     "prepare_image_batch",
     "prepare_multicrop_batch",
     "recalibrate_batchnorm",
+    "resnet50_wide",
     "sinkhorn",
     "swav_training_step",
     "unwrap_model",

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 
 from ignite_swav.checkpoint import is_disk_full, load_checkpoint_file, write_durably
 from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes, unwrap_model
+from ignite_swav.releases import RELEASES, download_release, resnet50_wide
 
 __all__ = ["export_backbone", "load_official_checkpoint"]
 
 _RELEASE_PREFIX = "module."
+_WIDE_RESNETS = {"resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}
 _HEAD = "projection_head."
 _PROTOTYPES = "prototypes."
 # The reference's head (Linear, BatchNorm1d, ReLU, Linear) has the layout of SwAVProjectionHead's layers.
@@ -39,9 +41,15 @@ def _state_of(source: str | Path | Mapping[str, Any], what: str) -> Mapping[str,
 def _torchvision_model(arch: str) -> nn.Module:
     from torchvision import models
 
+    if arch in _WIDE_RESNETS:  # the releases' wide ResNet-50s, which torchvision does not build
+        return resnet50_wide(_WIDE_RESNETS[arch])
+
     builder = getattr(models, arch, None) if isinstance(arch, str) else None
     if not callable(builder) or arch.startswith("_") or arch != arch.lower():
-        raise ValueError(f"arch={arch!r} is not a torchvision model builder, such as 'resnet50' or 'resnet18'")
+        raise ValueError(
+            f"arch={arch!r} is not a torchvision model builder, such as 'resnet50' or 'resnet18', nor one of the "
+            f"releases' wide ResNet-50s {sorted(_WIDE_RESNETS)}"
+        )
     try:
         model = builder()
     except TypeError:  # a callable of torchvision.models that is not a builder (get_model, list_models, ...)
@@ -60,13 +68,19 @@ def _described(names: list[str], limit: int = 4, quote: bool = True) -> str:
 
 def load_official_checkpoint(
     source: str | Path | Mapping[str, Any],
-    arch: str = "resnet50",
+    arch: str | None = None,
     *,
     require_head: bool = False,
     prototype_head: int | None = None,
+    mirror: str | None = None,
+    progress: bool = True,
 ) -> SwAVModel:
     """A :class:`SwAVModel` from a checkpoint released by facebookresearch/swav (``swav_800ep_pretrain.pth.tar``
     and the others), or written by its ``main_swav.py``.
+
+    ``source`` may name a release (``"swav_800ep"``, ``"deepclusterv2_800ep"``, ``"swav_RN50w2_400ep"``: every key
+    of :data:`~ignite_swav.RELEASES`): its file is downloaded once into torch's hub cache and checked
+    (:func:`~ignite_swav.download_release`, from ``mirror`` when given), and ``arch`` defaults to the release's.
 
     The format: a flat state dict (or one under ``"state_dict"``), every key prefixed ``module.``; the backbone
     in torchvision's ResNet names (the reference pads the input by 1 and its first convolution by 2, which is
@@ -83,10 +97,14 @@ def load_official_checkpoint(
     ``require_head=True`` makes that an error instead.
 
     Args:
-        source: the checkpoint file, or its loaded state dict.
-        arch: the torchvision builder of the backbone.
+        source: a release's name, the checkpoint file, or its loaded state dict.
+        arch: the torchvision builder of the backbone (``"resnet50"``, ``"resnet18"``, ...) or one of the releases'
+            wide ResNet-50s (``"resnet50w2"``, ``"resnet50w4"``, ``"resnet50w5"``); default: the release's, else
+            ``"resnet50"``.
         require_head: raise when the file holds no projection head or no prototypes.
         prototype_head: keep only this prototype head of a file with several (default: all of them).
+        mirror: for a release's name: an address holding the release files, instead of facebookresearch's.
+        progress: for a release's name: show the download's progress bar.
 
     Raises:
         ValueError: the file is not a checkpoint of this format, holds keys that are neither ``arch``'s nor
@@ -108,6 +126,16 @@ def load_official_checkpoint(
         isinstance(prototype_head, bool) or not isinstance(prototype_head, int) or prototype_head < 0
     ):
         raise ValueError(f"prototype_head must be None (all heads) or an integer >= 0, got {prototype_head!r}")
+    if isinstance(source, str) and not Path(source).exists():
+        if source in RELEASES:
+            arch = arch or RELEASES[source].arch
+            source = download_release(source, mirror=mirror, progress=progress)
+        elif not any(mark in source for mark in ("/", "\\", ".")):  # a name, not a path
+            raise ValueError(
+                f"source={source!r} is neither a file nor a release of facebookresearch/swav; the releases: "
+                f"{', '.join(RELEASES)}"
+            )
+    arch = arch or "resnet50"
     state = _state_of(source, "source")
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a checkpoint of main_swav.py: {"epoch", "state_dict", "optimizer", ...}

@@ -44,7 +44,7 @@ def test_the_api_reference_lists_every_public_name():
     import ignite_swav
 
     reference = (ROOT / "docs" / "api.rst").read_text()
-    documented = set(re.findall(r"\.\. auto(?:class|function):: ignite_swav\.(\w+)", reference))
+    documented = set(re.findall(r"\.\. (?:auto(?:class|function)|py:data):: ignite_swav\.(\w+)", reference))
     public = {name for name in ignite_swav.__all__ if name != "__version__"}
     assert public - documented == set(), "missing from docs/api.rst"
     assert documented - public == set(), "documented but not public"

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import released_checkpoint
 from torch import nn
 from torchvision import models
 
@@ -16,32 +17,6 @@ from ignite_swav import (
     export_backbone,
     load_official_checkpoint,
 )
-
-
-def released_checkpoint(arch="resnet50", hidden=2048, out=128, prototypes=(3000,), seed=0, head=True):
-    """A state dict in the layout of facebookresearch/swav's releases, from random weights: a torchvision
-    backbone without fc, projection_head.0/1/3, prototypes (several heads as MultiPrototypes), keys prefixed
-    'module.'."""
-    torch.manual_seed(seed)
-    backbone = getattr(models, arch)()
-    width = backbone.fc.in_features
-    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-    if head:
-        state["projection_head.0.weight"] = torch.randn(hidden, width) / width**0.5
-        state["projection_head.0.bias"] = torch.randn(hidden) * 0.1
-        state["projection_head.1.weight"] = torch.rand(hidden) + 0.5
-        state["projection_head.1.bias"] = torch.randn(hidden) * 0.1
-        state["projection_head.1.running_mean"] = torch.randn(hidden) * 0.1
-        state["projection_head.1.running_var"] = torch.rand(hidden) + 0.5
-        state["projection_head.1.num_batches_tracked"] = torch.tensor(1000)
-        state["projection_head.3.weight"] = torch.randn(out, hidden) / hidden**0.5
-        state["projection_head.3.bias"] = torch.randn(out) * 0.1
-        if len(prototypes) == 1:
-            state["prototypes.weight"] = F.normalize(torch.randn(prototypes[0], out), dim=1)
-        else:
-            for i, k in enumerate(prototypes):
-                state[f"prototypes.prototypes{i}.weight"] = F.normalize(torch.randn(k, out), dim=1)
-    return {f"module.{k}": v for k, v in state.items()}
 
 
 def by_hand(state, images, prototype_key="prototypes.weight"):

@@ -6,22 +6,28 @@ by train_swav.py, or a release of facebookresearch/swav (then name the data set 
     python examples/linear_eval.py --checkpoint swav_800ep_pretrain.pth.tar --dataset cifar10 --data-dir data
 
 The backbone's features of the training split and of the held-out split are computed once (frozen, eval
-mode, no augmentation); a linear classifier is trained on the training features and its top-1 on the held-out
-features is reported, next to the same probe on the network at random initialisation and on the raw pixels.
+mode, no augmentation); a linear classifier is trained on the training features by Ignite's supervised trainer
+(Adam on mini-batches of 256) and its top-1 on the held-out features measured by Ignite's evaluator, next to the
+same probe on the network at random initialisation and on the raw pixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ignite.engine import create_supervised_evaluator, create_supervised_trainer
+from ignite.metrics import Accuracy
+from ignite.utils import setup_logger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,6 +36,8 @@ from swav_config import DATASETS, ExampleError, parse_args  # noqa: E402
 from swav_data import DataBundle, build_data  # noqa: E402
 
 from ignite_swav import (  # noqa: E402
+    RELEASES,
+    download_release,
     extract_features,
     load_checkpoint_file,
     load_objects,
@@ -43,15 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         required=True,
-        help="a checkpoint of train_swav.py, or a facebookresearch/swav release",
+        help="a checkpoint of train_swav.py, or a facebookresearch/swav release (its file, or its name: swav_800ep)",
     )
     parser.add_argument(
         "--dataset", choices=DATASETS, default=None, help="data set to probe on (for a release; ours name their own)"
     )
-    parser.add_argument("--arch", default="resnet50", help="torchvision architecture of a release (default: resnet50)")
+    parser.add_argument(
+        "--arch", default=None, help="architecture of a release file (default: a named release's, else resnet50)"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="data set folder (real data sets)")
-    parser.add_argument("--epochs", type=int, default=200, help="epochs of the linear classifier (full batch)")
-    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear classifier (Adam)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier (default: 100)")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the linear classifier, Adam (0.01)")
     parser.add_argument("--output", type=Path, default=None, help="write the figures to this JSON file")
     return parser
 
@@ -70,6 +80,8 @@ def load_settings(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The checkpoint and the run settings stored in it (``None`` for a release, or for a checkpoint of another
     Ignite run when ``settings_required`` is false); bad files raise ExampleError naming the argument ``name``."""
+    if not path.is_file() and str(path) in RELEASES:  # a release by name: downloaded once into torch's hub cache
+        path = download_release(str(path))
     if not path.is_file():
         raise ExampleError(f"{name} '{path}' does not exist")
     try:
@@ -99,21 +111,27 @@ def load_model(model: nn.Module, checkpoint: dict[str, Any], path: Path) -> None
 
 
 def train_linear(
-    train: tuple[torch.Tensor, torch.Tensor], heldout: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float
+    train: tuple[torch.Tensor, torch.Tensor],
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    lr: float,
+    batch_size: int = 256,
 ) -> float:
-    """Top-1 on ``heldout`` of a linear classifier trained on standardised ``train`` features."""
+    """Top-1 on ``heldout`` of a linear classifier trained on standardised ``train`` features: Ignite's supervised
+    trainer (Adam, mini-batches of ``batch_size``) and evaluator (``Accuracy``)."""
     torch.manual_seed(0)
     features, labels = train
     mean, std = features.mean(0), features.std(0) + 1e-6
     classifier = nn.Linear(features.shape[1], int(labels.max()) + 1)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        F.cross_entropy(classifier((features - mean) / std), labels).backward()
-        optimizer.step()
-    with torch.no_grad():
-        predicted = classifier((heldout[0] - mean) / std).argmax(dim=1)
-    return (predicted == heldout[1]).float().mean().item()
+    trainer = create_supervised_trainer(classifier, optimizer, F.cross_entropy)
+    trainer.logger = setup_logger("linear_eval", level=logging.WARNING)
+    generator = torch.Generator().manual_seed(0)
+    standardised = TensorDataset((features - mean) / std, labels)
+    trainer.run(DataLoader(standardised, batch_size=batch_size, shuffle=True, generator=generator), max_epochs=epochs)
+    evaluator = create_supervised_evaluator(classifier, metrics={"top1": Accuracy()})
+    evaluator.run(DataLoader(TensorDataset((heldout[0] - mean) / std, heldout[1]), batch_size=1024))
+    return float(evaluator.state.metrics["top1"])
 
 
 def linear_probe(backbone: nn.Module, data: DataBundle, epochs: int, lr: float) -> float:
@@ -137,15 +155,16 @@ def backbones(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, DataBundl
         ["--dataset", dataset, "--data-dir", str(args.data_dir), "--output-dir", str(args.checkpoint.parent)]
     )
     if config is None:
+        release = RELEASES.get(str(args.checkpoint))
         try:
-            model = load_official_checkpoint(checkpoint, arch=args.arch)
+            model = load_official_checkpoint(checkpoint, arch=args.arch or (release.arch if release else None))
         except ValueError as error:
             raise ExampleError(f"--checkpoint '{args.checkpoint}': {error}") from None
-        from torchvision import models as torchvision_models
-
         torch.manual_seed(0)
-        random_backbone = getattr(torchvision_models, args.arch)()
-        random_backbone.fc = nn.Identity()
+        random_backbone = copy.deepcopy(model.backbone)  # the same network, its weights drawn again
+        for module in random_backbone.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         return model.backbone, random_backbone, build_data(run_args), dataset, None
     for key, value in config.items():
         setattr(run_args, key, value)

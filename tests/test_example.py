@@ -115,7 +115,7 @@ def test_export_backbone_writes_what_torchvision_loads(tmp_path: Path, capsys):
 
 def test_linear_eval_and_export_read_a_facebookresearch_release(tmp_path: Path, capsys):
     import export_backbone
-    from test_pretrained import released_checkpoint
+    from helpers import released_checkpoint
 
     release = tmp_path / "swav_release.pth.tar"
     torch.save(released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30,)), release)
@@ -131,6 +131,23 @@ def test_linear_eval_and_export_read_a_facebookresearch_release(tmp_path: Path, 
     assert linear_eval.main(["--checkpoint", str(release), "--dataset", "digits"]) == 2
     assert "does not hold a resnet50 backbone" in capsys.readouterr().err
     assert export_backbone.main([str(release), str(tmp_path / "b.pt"), "--arch", "resnet18"]) == 0
+
+
+def test_linear_eval_takes_a_release_by_name_from_torch_s_hub_cache(tmp_path: Path, monkeypatch, capsys):
+    from helpers import released_checkpoint
+
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))  # a release downloaded before: the cache serves it, nothing is fetched
+    try:
+        (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+        state = released_checkpoint(arch="resnet18", hidden=64, out=16, prototypes=(30, 30, 30))  # DeepCluster-v2
+        torch.save(state, tmp_path / "hub" / "checkpoints" / "deepclusterv2_800ep_pretrain.pth.tar")
+        argv = ["--checkpoint", "deepclusterv2_800ep", "--dataset", "digits", "--arch", "resnet18", "--epochs", "5"]
+        assert linear_eval.main([*argv, "--output", str(tmp_path / "linear.json")]) == 0
+    finally:
+        torch.hub.set_dir(previous)
+    figures = json.loads((tmp_path / "linear.json").read_text())
+    assert 0.5 < figures["linear_top1_raw_pixels"] <= 1 and 0 < figures["linear_top1"] <= 1
 
 
 def test_train_linear_separates_separable_features():

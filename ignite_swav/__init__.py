@@ -20,7 +20,6 @@ from ignite_swav.schedules import create_swav_lr_scheduler
 from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
-from ignite_swav.transforms import multicrop_collate as multicrop_collate  # deprecated name, kept until 0.3
 
 __version__ = "0.2.0"
 

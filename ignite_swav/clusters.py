@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ignite_swav._batches import split_batch
 from ignite_swav._distributed import gather_rows, non_finite_on_any_rank, real_rows_of_rank, values_by_rank
 from ignite_swav._validation import check_int, check_positive_float
 from ignite_swav._wrappers import evaluating
@@ -19,10 +20,7 @@ __all__ = ["assign_clusters"]
 
 
 def _images_of(batch: Any) -> Any:
-    # a batch of images, or an (images, labels) pair as torchvision data sets give
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].ndim <= 1:
-        return batch[0]
-    return batch
+    return split_batch(batch)[0]
 
 
 @torch.no_grad()

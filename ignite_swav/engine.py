@@ -16,6 +16,7 @@ from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ignite_swav._batches import split_batch
 from ignite_swav._distributed import all_reduce, check_same_on_every_rank, values_by_rank
 from ignite_swav._validation import check_int, check_nonnegative_float, device_type_of, resolve_autocast_dtype
 from ignite_swav._verdict import (
@@ -151,14 +152,6 @@ class _ResumableDeterministicEngine(_AgreedStop, DeterministicEngine):
             self.state.rng_states = [*rng_states[:2], (name, keys.numpy().astype("uint32"), *rest)]  # type: ignore[attr-defined]
 
 
-def _without_target(batch: Any) -> tuple[Any, Any]:
-    # A (data, target) pair with a 1-D (or scalar) target tensor, as torchvision data sets and collates give.
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].ndim <= 1:
-        if isinstance(batch[0], (tuple, list)) or (isinstance(batch[0], Tensor) and batch[0].ndim == 4):
-            return batch[0], batch[1]
-    return batch, None
-
-
 def _to(tensor: Tensor, device: str | torch.device | None, non_blocking: bool) -> Tensor:
     # Ignite's convert_tensor, typed as the tensor it returns for a tensor
     return cast(Tensor, convert_tensor(tensor, device=device, non_blocking=non_blocking))
@@ -183,7 +176,7 @@ def prepare_multicrop_batch(
         >>> prepare_multicrop_batch(crops)[1] is None
         True
     """
-    crops, target = _without_target(batch)
+    crops, target = split_batch(batch)
     if isinstance(crops, Tensor) or not isinstance(crops, (tuple, list)) or not crops:
         raise TypeError(
             "a SwAV batch must be the list of crop batches, or a (crops, target) pair; "
@@ -210,7 +203,7 @@ def prepare_image_batch(
         >>> x.shape, y.tolist()
         (torch.Size([4, 3, 8, 8]), [0, 1, 2, 3])
     """
-    images, target = _without_target(batch)
+    images, target = split_batch(batch)
     y = None if target is None else _to(target, device, non_blocking)
     if is_encoded_batch(images):  # file bytes: decoded together on the device (nvJPEG on a GPU)
         return decode_images(images, device), y

@@ -181,13 +181,17 @@ class SwAVLoss(nn.Module):
         )
 
     def forward(
-        self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor, *, check_finite: bool = True
+        self, embeddings: Sequence[Tensor], scores: Sequence[Tensor], prototypes: Tensor, *, check_finite: bool = True
     ) -> Tensor:
         """Loss of one step; pushes the assigned crops' embeddings into ``queue`` when there is one.
 
+        The arguments come in the order of :class:`~ignite_swav.SwAVModel`'s output, ``(embeddings, scores)``, since
+        1.0 (before: ``scores`` first); a call in the old positional order is refused with a ``TypeError`` that says
+        so, and calls by keyword work with either.
+
         Args:
-            scores: one ``(B, K)`` tensor of prototype scores per crop.
-            embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop, in the same order.
+            embeddings: one ``(B, D)`` tensor of L2-normalised embeddings per crop.
+            scores: one ``(B, K)`` tensor of prototype scores per crop, in the same order.
             prototypes: ``(K, D)`` prototype weight (L2-normalised rows), or ``(H, K, D)`` for ``H`` heads of ``K``
                 prototypes, whose scores are the ``H * K`` columns of ``scores``, head after head.
             check_finite: raise here on bad values. ``False`` leaves the check and the push into the queue to a
@@ -418,6 +422,7 @@ class SwAVLoss(nn.Module):
                 if not isinstance(t, Tensor) or t.ndim != 2:
                     shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                     raise ValueError(f"{name}[{v}] must be a 2-D tensor (batch, width), got {shape}")
+        _refuse_the_old_order(embeddings, scores, prototypes)
         if len(scores) != len(embeddings):
             raise ValueError(
                 f"scores and embeddings must have one entry per crop each, got {len(scores)} scores and "
@@ -553,3 +558,18 @@ def _log_softmax_per_head(values: Tensor, heads: int) -> Tensor:
     if heads == 1:
         return F.log_softmax(values, dim=-1)
     return F.log_softmax(values.unflatten(-1, (heads, -1)), dim=-1).flatten(-2)
+
+
+def _refuse_the_old_order(embeddings: Sequence[Tensor], scores: Sequence[Tensor], prototypes: Any) -> None:
+    """A call in the positional order of 0.x, ``(scores, embeddings, prototypes)``, told by the widths (scores are
+    as wide as the prototypes are many, embeddings as the prototypes are wide): a ``TypeError`` saying so, rather
+    than a confusing complaint about the values."""
+    if not (isinstance(prototypes, Tensor) and prototypes.ndim in (2, 3) and embeddings and scores):
+        return
+    rows, width = prototypes.shape[:-1].numel(), prototypes.shape[-1]
+    if rows != width and embeddings[0].shape[1] == rows and scores[0].shape[1] == width:
+        raise TypeError(
+            "SwAVLoss takes (embeddings, scores, prototypes) since 1.0, the order of SwAVModel's output; this call "
+            "gave the scores first (the order of 0.x): pass them by keyword, loss_fn(embeddings=..., scores=..., "
+            "prototypes=...)"
+        )

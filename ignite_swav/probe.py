@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events, _prepare_batch
 from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
+from ignite_swav._batches import split_batch
 from ignite_swav._distributed import all_reduce, broadcast
 from ignite_swav._state_checks import check_optimizer_state
 from ignite_swav._validation import check_int, check_positive_float
@@ -27,10 +28,7 @@ _IGNORED = -100  # cross-entropy's ignore_index for the labels the probe does no
 
 
 def _labels_of_batch(batch: Any) -> Any:
-    # the target of a (crops or images, target) pair, as torchvision data sets and our collates give
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[1]
-    return None
+    return split_batch(batch)[1]
 
 
 class OnlineLinearProbe(Serializable):

@@ -19,6 +19,7 @@ from ignite.engine.events import CallableEventWithFilter
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import Tensor
 
+from ignite_swav._deprecation import renamed_method, warn_renamed
 from ignite_swav._distributed import all_gather, check_same_on_every_rank
 from ignite_swav._validation import check_int
 from ignite_swav.checkpoint import load_checkpoint_file
@@ -47,17 +48,17 @@ class SwAVQueueHandler(Serializable):
     samples of this rank; the loss adds them to the Sinkhorn equipartition once the queue is full.
     ``attach(engine)`` registers:
 
-    - :meth:`on_started` on ``Events.STARTED``: trims ``queue_length`` to a multiple of the global batch
+    - :meth:`started` on ``Events.STARTED``: trims ``queue_length`` to a multiple of the global batch
       ``batch_size * world_size`` (logged once when that changes it); when ``dirname`` holds a queue file saved
       at the engine's current iteration (a resumed run), loads it. A queue restored before the run
       (``load_state_dict``) is kept.
-    - :meth:`on_epoch_started` on ``Events.EPOCH_STARTED``: resets ``loss.use_queue``; creates the queue (zeros,
-      float32, ``(len(loss.crops_for_assign), queue_length // world_size, feat_dim)`` on ``idist.device()``)
+    - :meth:`epoch_started` on ``Events.EPOCH_STARTED``: resets ``loss_fn.use_queue``; creates the queue (zeros,
+      float32, ``(len(loss_fn.crops_for_assign), queue_length // world_size, feat_dim)`` on ``idist.device()``)
       the first time ``engine.state.epoch - 1 >= epoch_queue_starts``, i.e. once ``epoch_queue_starts`` epochs
       are done (Ignite epochs are 1-based; ``epoch_queue_starts=0`` creates it before the first epoch). When
       ``batch_size`` or ``feat_dim`` was not given and no batch has been seen yet, the loss creates the queue
       at its next call, from that batch, before anything is pushed.
-    - :meth:`on_iteration_completed` on ``Events.ITERATION_COMPLETED``: sets ``engine.state.queue_in_use``
+    - :meth:`iteration_completed` on ``Events.ITERATION_COMPLETED``: sets ``engine.state.queue_in_use``
       (for loggers); in the first iteration of a run, learns ``batch_size`` and ``feat_dim`` from the loss's
       batch, or checks the given ones against it; at the last iteration of every epoch and of the run (a stop
       every process agreed on, ``max_iters``), gathers the queues of all ranks into one ``(crops, queue_length,
@@ -79,8 +80,8 @@ class SwAVQueueHandler(Serializable):
     (``weights_only=True``) loads it.
 
     Args:
-        loss: the :class:`~ignite_swav.SwAVLoss` whose ``queue`` and ``use_queue`` this handler manages (one queue
-            slot per crop in its ``crops_for_assign``).
+        loss_fn: the :class:`~ignite_swav.SwAVLoss` whose ``queue`` and ``use_queue`` this handler manages (one
+            queue slot per crop in its ``crops_for_assign``). ``loss=`` is its name before 1.0, deprecated.
         queue_length: global queue length (all ranks together); 0 means no queue.
         epoch_queue_starts: number of epochs trained without a queue.
         batch_size: batch size per process; ``None`` takes it from the first batch. When given, a first batch of
@@ -125,7 +126,7 @@ class SwAVQueueHandler(Serializable):
 
     def __init__(
         self,
-        loss: SwAVLoss,
+        loss_fn: SwAVLoss | None = None,
         queue_length: int = 0,
         epoch_queue_starts: int = 15,
         batch_size: int | None = None,
@@ -133,10 +134,17 @@ class SwAVQueueHandler(Serializable):
         dirname: str | Path | None = None,
         save_event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
         gather_event: CallableEventWithFilter = Events.EPOCH_COMPLETED,
+        *,
+        loss: SwAVLoss | None = None,
     ) -> None:
-        if not isinstance(loss, SwAVLoss):
-            raise TypeError(f"loss must be an ignite_swav.SwAVLoss, got {type(loss).__name__}")
-        self.loss = loss
+        if loss is not None:
+            warn_renamed("SwAVQueueHandler(loss=...)", "SwAVQueueHandler(loss_fn=...)")
+            if loss_fn is not None:
+                raise TypeError("give loss_fn (loss is its deprecated name), not both")
+            loss_fn = loss
+        if not isinstance(loss_fn, SwAVLoss):
+            raise TypeError(f"loss_fn must be an ignite_swav.SwAVLoss, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
         self.requested_queue_length = check_int("queue_length", queue_length, 0)
         self.epoch_queue_starts = check_int("epoch_queue_starts", epoch_queue_starts, 0)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
@@ -161,7 +169,7 @@ class SwAVQueueHandler(Serializable):
         # the queue of all ranks, gathered at gather_event (or restored), valid until the next iteration
         self._gathered: Tensor | None = None
         self._engines: list[weakref.ReferenceType[Engine]] = []
-        loss.queue_handler = self  # so that a trainer whose loss has a handler can tell when it is not attached
+        loss_fn.queue_handler = self  # so that a trainer whose loss has a handler can tell when it is not attached
         # The trimmed global length; set for the current world size on STARTED (or on load_state_dict).
         self.queue_length = self.requested_queue_length
         self.queue: Tensor | None = None
@@ -171,10 +179,20 @@ class SwAVQueueHandler(Serializable):
         #: ``(queue_length, epoch_queue_starts)`` set by :meth:`reschedule` (kept in :meth:`state_dict`), or None
         self.rescheduled: tuple[int, int] | None = None
 
+    on_started = renamed_method("on_started", "started")
+    on_epoch_started = renamed_method("on_epoch_started", "epoch_started")
+    on_iteration_completed = renamed_method("on_iteration_completed", "iteration_completed")
+
+    @property
+    def loss(self) -> SwAVLoss:
+        """Deprecated name of ``loss_fn`` (removed in 1.1)."""
+        warn_renamed("SwAVQueueHandler.loss", "SwAVQueueHandler.loss_fn")
+        return self.loss_fn
+
     @property
     def crops_for_assign(self) -> tuple[int, ...]:
         """The loss's assigned crops: one queue slot each."""
-        return self.loss.crops_for_assign
+        return self.loss_fn.crops_for_assign
 
     def _global_queue_length(self) -> int:
         world_size = idist.get_world_size()
@@ -206,11 +224,11 @@ class SwAVQueueHandler(Serializable):
         """
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
-        if engine.has_event_handler(self.on_started, Events.STARTED):
+        if engine.has_event_handler(self.started, Events.STARTED):
             raise ValueError("this SwAVQueueHandler is already attached to this engine; attach it only once")
-        engine.add_event_handler(Events.STARTED, self.on_started)
-        engine.add_event_handler(Events.EPOCH_STARTED, self.on_epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.on_iteration_completed)
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         if self.gather_event.name.startswith("ITERATION"):  # epoch and run ends are gathered at their last iteration
             engine.add_event_handler(self.gather_event, self.gather)
         for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
@@ -220,7 +238,7 @@ class SwAVQueueHandler(Serializable):
             engine.add_event_handler(self.save_event, self.save_queue_file)
         engine.state.queue_in_use = False  # type: ignore[attr-defined]  # Ignite's State takes attributes
 
-    def on_started(self, engine: Engine) -> None:
+    def started(self, engine: Engine) -> None:
         """Trim ``queue_length`` to the global batch; load the queue file of a resumed run from ``dirname``."""
         if self.batch_size is not None:
             # local queues of different lengths would make the gather of state_dict abort (gloo) or hang
@@ -233,32 +251,32 @@ class SwAVQueueHandler(Serializable):
         self._first_iteration_checked = False
         if self.queue is None and self.dirname is not None:
             self._load_from_dirname(engine)
-        self.loss.queue = self.queue
+        self.loss_fn.queue = self.queue
         engine.state.queue_in_use = False  # type: ignore[attr-defined]
 
-    def on_epoch_started(self, engine: Engine) -> None:
+    def epoch_started(self, engine: Engine) -> None:
         """Reset ``loss.use_queue``; create the queue once ``epoch_queue_starts`` epochs are done."""
-        self.loss.use_queue = False
+        self.loss_fn.use_queue = False
         due = self.queue is None and self.queue_length > 0 and engine.state.epoch - 1 >= self.epoch_queue_starts
         if due and self.batch_size is not None and self.feat_dim is not None:
             self._create_queue()
         elif due:
             # Shapes not known yet: the loss calls back with its first batch, before pushing it.
-            self.loss.queue_factory = self._create_queue_from_batch
-        self.loss.queue = self.queue
+            self.loss_fn.queue_factory = self._create_queue_from_batch
+        self.loss_fn.queue = self.queue
 
     def is_attached(self, engine: Engine) -> bool:
         """Whether :meth:`attach` registered this handler on ``engine``."""
         return any(ref() is engine for ref in self._engines)
 
-    def on_iteration_completed(self, engine: Engine) -> None:
+    def iteration_completed(self, engine: Engine) -> None:
         """Publish ``engine.state.queue_in_use``; in a run's first iteration, learn or check the batch shapes; at
         the last iteration of an epoch or of the run, gather the queue of every rank for :meth:`state_dict`."""
         self._gathered = None  # the queue may have changed
-        engine.state.queue_in_use = bool(self.loss.use_queue)  # type: ignore[attr-defined]
-        if not self._first_iteration_checked and self.loss.last_batch_shape is not None:
+        engine.state.queue_in_use = bool(self.loss_fn.use_queue)  # type: ignore[attr-defined]
+        if not self._first_iteration_checked and self.loss_fn.last_batch_shape is not None:
             self._first_iteration_checked = True
-            self._learn_or_check_shapes(*self.loss.last_batch_shape)
+            self._learn_or_check_shapes(*self.loss_fn.last_batch_shape)
         if _is_last_iteration(engine):
             # here rather than at EPOCH_COMPLETED or COMPLETED: a Checkpoint there then sees the gathered queue
             # whatever the order in which the two were attached, and a run that stops mid-epoch keeps its queue
@@ -302,7 +320,7 @@ class SwAVQueueHandler(Serializable):
                 f"({gigabytes:.3g} GB), which {device} cannot allocate: use a shorter queue (SwAV's ImageNet recipe "
                 f"uses 3840 rows) ({str(error).splitlines()[0][:120]})"
             ) from None
-        self.loss.queue = self.queue
+        self.loss_fn.queue = self.queue
 
     def _create_queue_from_batch(self, batch_size: int, feat_dim: int, device: torch.device) -> Tensor | None:
         self._learn_or_check_shapes(batch_size, feat_dim)
@@ -328,9 +346,9 @@ class SwAVQueueHandler(Serializable):
         self.rescheduled = (self.requested_queue_length, self.epoch_queue_starts)
         self.queue_length = self._global_queue_length()
         self.queue = self._gathered = None
-        self.loss.queue = None
-        self.loss.queue_factory = None
-        self.loss.use_queue = False
+        self.loss_fn.queue = None
+        self.loss_fn.queue_factory = None
+        self.loss_fn.use_queue = False
         for ref in self._engines:
             engine = ref()
             if engine is not None:
@@ -435,8 +453,8 @@ class SwAVQueueHandler(Serializable):
             self._gathered = queue.to(dtype=torch.float32, copy=True)  # what state_dict gives until training moves on
             if self.queue.shape[1] == 0:
                 self.queue = self._gathered = None
-        self.loss.queue = self.queue
-        self.loss.use_queue = False
+        self.loss_fn.queue = self.queue
+        self.loss_fn.use_queue = False
 
     def validate_state_dict(self, state_dict: Mapping[str, Any]) -> Tensor | None:
         """Check ``state_dict`` as :meth:`load_state_dict` would, changing nothing; returns its queue.

@@ -147,7 +147,7 @@ class SwAVQueueGuard(Serializable):
             raise TypeError(
                 f"health_monitor must be an ignite_swav.SwAVHealthMonitor, got {type(health_monitor).__name__}"
             )
-        if health_monitor.loss_fn is not queue_handler.loss:
+        if health_monitor.loss_fn is not queue_handler.loss_fn:
             raise ValueError(
                 "health_monitor watches another SwAVLoss than the one of queue_handler: give the run's own"
             )

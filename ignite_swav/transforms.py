@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -311,14 +310,3 @@ def collate_crops(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Te
         crops, targets = default_collate(list(batch))
         return crops, targets
     return default_collate(samples)
-
-
-def multicrop_collate(batch: Sequence[Any]) -> list[Tensor] | tuple[list[Tensor], Tensor]:
-    """Deprecated name of :func:`collate_crops` (named like :func:`~ignite_swav.collate_images` since 0.2); it
-    keeps working, with a ``DeprecationWarning``, until the next release."""
-    warnings.warn(
-        "ignite_swav.multicrop_collate is now ignite_swav.collate_crops; the old name goes in the next release",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return collate_crops(batch)

@@ -469,7 +469,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_equal_to_the_uninterrupted_
 def test_the_loss_and_its_queue_handler_are_built_from_the_arguments():
     args = train_swav.parse_args(["--queue-length", "128", "--feat-dim", "32", "--epsilon", "0.04"])
     loss_fn, handler = models.build_loss_and_queue_handler(args)
-    assert handler.loss is loss_fn  # the handler fills the queue of the loss the trainer calls
+    assert handler.loss_fn is loss_fn  # the handler fills the queue of the loss the trainer calls
     assert loss_fn.crops_for_assign == handler.crops_for_assign == models.CROPS_FOR_ASSIGN
     assert loss_fn.epsilon == 0.04
     assert (handler.requested_queue_length, handler.feat_dim, handler.batch_size) == (128, 32, 64)

@@ -151,7 +151,7 @@ def test_bad_settings_and_uses_are_refused():
     engine = Engine(lambda e, b: None)
     lonely.attach(engine)
     with pytest.raises(ValueError, match="saw no call of its backbone in this iteration"):
-        engine.run([(torch.zeros(2), torch.tensor([0, 1]))], max_epochs=1)
+        engine.run([(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))], max_epochs=1)
 
 
 def _two_rank_worker(rank):

@@ -197,18 +197,18 @@ def test_bad_settings_and_attachments_are_refused():
         with pytest.raises(error, match=message):
             SwAVQueueGuard(queue_handler, monitor, **arguments)
     with pytest.raises(ValueError, match="queue_length=0: there is no queue to guard"):
-        SwAVQueueGuard(SwAVQueueHandler(queue_handler.loss, queue_length=0), monitor, {})
+        SwAVQueueGuard(SwAVQueueHandler(queue_handler.loss_fn, queue_length=0), monitor, {})
     with pytest.raises(ValueError, match="watches another SwAVLoss"):
         SwAVQueueGuard(SwAVQueueHandler(SwAVLoss(), queue_length=8), monitor, {})
     with pytest.raises(ValueError, match="needs a monitor that looks every epoch"):
-        SwAVQueueGuard(queue_handler, SwAVHealthMonitor(queue_handler.loss, event=Events.ITERATION_COMPLETED), {})
+        SwAVQueueGuard(queue_handler, SwAVHealthMonitor(queue_handler.loss_fn, event=Events.ITERATION_COMPLETED), {})
     with pytest.raises(TypeError, match="queue_handler must be an ignite_swav.SwAVQueueHandler, got SwAVLoss"):
-        SwAVQueueGuard(queue_handler.loss, monitor, {})
+        SwAVQueueGuard(queue_handler.loss_fn, monitor, {})
     guard = SwAVQueueGuard(queue_handler, monitor, {})
     with pytest.raises(ValueError, match="attach the queue handler to this engine before the guard"):
         guard.attach(Engine(lambda e, b: None))
     other = Engine(lambda e, b: None)
-    queue_handler_other = SwAVQueueHandler(queue_handler.loss, queue_length=8)
+    queue_handler_other = SwAVQueueHandler(queue_handler.loss_fn, queue_length=8)
     queue_handler_other.attach(other)
     with pytest.raises(ValueError, match="attach the health monitor to this engine before the guard"):
         SwAVQueueGuard(queue_handler_other, monitor, {}).attach(other)

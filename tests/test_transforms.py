@@ -142,13 +142,3 @@ def test_a_crop_size_that_would_exhaust_memory_is_refused_by_both_augmentations(
     for make in (MultiCropTransform, BatchedMultiCrop):
         with pytest.raises(ValueError, match="size_crops\\[0\\] must be at most 8192 pixels, got 100000"):
             make(size_crops=(10**5,), num_crops=(2,), min_scale_crops=(0.5,), max_scale_crops=(1.0,))
-
-
-def test_the_old_collate_name_still_works_with_a_deprecation_warning():
-    from ignite_swav import collate_crops, multicrop_collate
-
-    samples = [([torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)], 1) for _ in range(2)]
-    with pytest.warns(DeprecationWarning, match="multicrop_collate is now ignite_swav.collate_crops"):
-        old = multicrop_collate(samples)
-    new = collate_crops(samples)
-    assert [c.shape for c in old[0]] == [c.shape for c in new[0]] and torch.equal(old[1], new[1])

@@ -23,7 +23,7 @@ def loss_inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     prototypes = F.normalize(torch.randn(30, 8, generator=g), dim=1)
     embeddings = [F.normalize(torch.randn(16, 8, generator=g), dim=1) for _ in range(4)]
-    return [z @ prototypes.t() for z in embeddings], embeddings, prototypes
+    return embeddings, [z @ prototypes.t() for z in embeddings], prototypes  # the model's order
 
 
 def full_loss(epsilon: float = 0.05) -> SwAVLoss:
@@ -37,9 +37,9 @@ def full_loss(epsilon: float = 0.05) -> SwAVLoss:
 @pytest.mark.parametrize("epsilon", [0.05, 0.02])  # the kernel and the stabilised Sinkhorn
 def test_the_losss_forward_with_the_queue_in_use_is_one_graph_without_a_break(epsilon):
     loss_fn = full_loss(epsilon)
-    scores, embeddings, prototypes = loss_inputs(1)
-    explained = torch._dynamo.explain(lambda s, z, p: loss_fn(s, z, p, check_finite=False))(
-        scores, embeddings, prototypes
+    embeddings, scores, prototypes = loss_inputs(1)
+    explained = torch._dynamo.explain(lambda z, s, p: loss_fn(z, s, p, check_finite=False))(
+        embeddings, scores, prototypes
     )
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
@@ -79,7 +79,7 @@ def test_compile_model_trains_and_the_compiled_loss_equals_the_eager_one():
     assert len(outputs) == 3 and all(math.isfinite(x) for x in outputs)
     assert set(model.state_dict()) == set(tiny_swav_model().state_dict())  # checkpoints of the plain module
 
-    scores, embeddings, prototypes = loss_inputs(2)
+    embeddings, scores, prototypes = loss_inputs(2)
     compiled = loss_fn._computation(scores, embeddings, prototypes, None)
     eager = loss_fn._compute(scores, embeddings, prototypes, None)
     for a, b in zip(compiled, eager):

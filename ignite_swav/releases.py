@@ -19,7 +19,14 @@ RELEASE_ADDRESS = "https://dl.fbaipublicfiles.com/deepcluster"
 
 @dataclass(frozen=True)
 class Release:
-    """One release of facebookresearch/swav's model zoo (its README: method, epochs, ImageNet linear top-1)."""
+    """One release of facebookresearch/swav's model zoo (its README: method, epochs, ImageNet linear top-1).
+
+    Example:
+        >>> from ignite_swav import RELEASES
+        >>> release = RELEASES["swav_RN50w2_400ep"]
+        >>> release.file, release.arch, release.linear_top1
+        ('swav_RN50w2_400ep_pretrain.pth.tar', 'resnet50w2', 77.3)
+    """
 
     #: the file name under :data:`RELEASE_ADDRESS`
     file: str
@@ -72,6 +79,18 @@ def download_release(name: str, mirror: str | None = None, progress: bool = True
 
     Raises:
         ValueError: an unknown name (the known ones are listed), or a cached file whose checksum changed.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from ignite_swav import download_release
+        >>> mirror = Path(tempfile.mkdtemp())  # a copy of the release files, here one made up
+        >>> torch.save({}, mirror / "swav_100ep_pretrain.pth.tar")
+        >>> hub = torch.hub.get_dir()
+        >>> torch.hub.set_dir(tempfile.mkdtemp())
+        >>> download_release("swav_100ep", mirror=mirror.as_uri(), progress=False).name
+        'swav_100ep_pretrain.pth.tar'
+        >>> torch.hub.set_dir(hub)
     """
     release = RELEASES.get(name) if isinstance(name, str) else None
     if release is None:

@@ -120,7 +120,7 @@ def test_bad_settings_are_refused(kwargs, error, message):
 
 
 def test_the_loss_must_be_a_swav_loss():
-    with pytest.raises(TypeError, match="loss must be an ignite_swav.SwAVLoss, got CrossEntropyLoss"):
+    with pytest.raises(TypeError, match="loss_fn must be an ignite_swav.SwAVLoss, got CrossEntropyLoss"):
         SwAVQueueHandler(torch.nn.CrossEntropyLoss(), batch_size=4)
 
 

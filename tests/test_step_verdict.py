@@ -140,7 +140,7 @@ def synchronisations_per_step(kind: str, output_transform=None, epochs: int = 3)
     """Host synchronisations of each step of a run whose queue fills in epoch 1, the health monitor attached."""
     kwargs = {} if output_transform is None else {"output_transform": output_transform}
     trainer, model, optimizer, handler = trainer_of(kind, **kwargs)
-    SwAVHealthMonitor(handler.loss).attach(trainer)
+    SwAVHealthMonitor(handler.loss_fn).attach(trainer)
     counted, counter = [], {}
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: counter.update(mode=DispatchCounter().__enter__()))
 
@@ -150,7 +150,7 @@ def synchronisations_per_step(kind: str, output_transform=None, epochs: int = 3)
         counted.append(counter["mode"].synchronisations)
 
     trainer.run(batches(4), max_epochs=epochs)
-    assert handler.loss.use_queue
+    assert handler.loss_fn.use_queue
     return counted
 
 

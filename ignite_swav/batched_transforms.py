@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from ignite_swav.transforms import MultiCropSettings, blur_kernel_size
+from ignite_swav.transforms import MultiCropAugmentation, MultiCropSettings, blur_kernel_size
 
 __all__ = ["BatchedMultiCrop", "collate_images"]
 
@@ -107,7 +107,7 @@ def random_resized_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, fl
     return torch.stack([left, top, left + crop_w, top + crop_h], dim=1)
 
 
-class BatchedMultiCrop(MultiCropSettings):
+class BatchedMultiCrop(MultiCropAugmentation):
     """SwAV's multi-crop augmentation of a whole uint8 batch on its own device (CUDA or CPU), vectorised.
 
     Same settings and presets as :class:`~ignite_swav.MultiCropTransform` (``BatchedMultiCrop.for_cifar()``,
@@ -139,11 +139,14 @@ class BatchedMultiCrop(MultiCropSettings):
     """
 
     @classmethod
-    def from_transform(cls, transform: MultiCropSettings) -> BatchedMultiCrop:
-        """The batched version of ``transform`` (a :class:`~ignite_swav.MultiCropTransform`), same settings."""
-        if not isinstance(transform, MultiCropSettings):
-            raise TypeError(f"transform must be a MultiCropTransform, got {type(transform).__name__}")
-        return cls(**transform.settings())
+    def from_transform(cls, transform: MultiCropAugmentation | MultiCropSettings) -> BatchedMultiCrop:
+        """The batched version of ``transform`` (a :class:`~ignite_swav.MultiCropTransform`, or its
+        :class:`~ignite_swav.MultiCropSettings`), same settings."""
+        if isinstance(transform, MultiCropAugmentation):
+            return cls(transform.settings)
+        if isinstance(transform, MultiCropSettings):
+            return cls(transform)
+        raise TypeError(f"transform must be a MultiCropTransform or MultiCropSettings, got {type(transform).__name__}")
 
     def __call__(self, images: Tensor | Sequence[Tensor]) -> list[Tensor]:
         """The crop batches of ``images``: a uint8 ``(B, C, H, W)`` tensor, or a list of uint8 ``(C, H, W)``
@@ -151,11 +154,14 @@ class BatchedMultiCrop(MultiCropSettings):
         with torch.no_grad():
             batch, heights, widths = _image_batch(images)
             count = batch.shape[0]
-            mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+            mean = torch.tensor(self.settings.mean, device=batch.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.settings.std, device=batch.device).view(1, 3, 1, 1)
             crops: list[Tensor] = []
             for size, repeats, low, high in zip(
-                self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops
+                self.settings.size_crops,
+                self.settings.num_crops,
+                self.settings.min_scale_crops,
+                self.settings.max_scale_crops,
             ):
                 if repeats == 0:
                     continue
@@ -170,9 +176,9 @@ class BatchedMultiCrop(MultiCropSettings):
             return crops
 
     def _flip(self, views: Tensor) -> Tensor:
-        if self.flip_prob == 0:
+        if self.settings.flip_prob == 0:
             return views
-        flip = torch.rand(views.shape[0], device=views.device) < self.flip_prob
+        flip = torch.rand(views.shape[0], device=views.device) < self.settings.flip_prob
         return torch.where(flip[:, None, None, None], views.flip(-1), views)
 
     def _colour(self, views: Tensor) -> Tensor:
@@ -181,10 +187,10 @@ class BatchedMultiCrop(MultiCropSettings):
         count, device = views.shape[0], views.device
         views = views.expand(-1, 3, -1, -1) / 255.0 if views.shape[1] == 1 else views / 255.0
         gray = torch.tensor(_GRAY_WEIGHTS, device=device)
-        if max(self.jitter_strengths) > 0:
+        if max(self.settings.jitter_strengths) > 0:
             eye = torch.eye(3, device=device).expand(count, 3, 3)
             to_gray = torch.ones(3, 1, device=device) * gray  # every channel becomes the luma
-            brightness, contrast, saturation, hue = self.jitter_strengths
+            brightness, contrast, saturation, hue = self.settings.jitter_strengths
             jitter = torch.rand(count, device=device) < 0.8
             factors = [
                 torch.where(jitter, _uniform(count, max(0.0, 1 - s), 1 + s, device), 1.0)
@@ -227,15 +233,16 @@ class BatchedMultiCrop(MultiCropSettings):
         return torch.linalg.inv(rgb_to_yiq) @ rotation @ rgb_to_yiq
 
     def _blur(self, views: Tensor, size: int) -> Tensor:
-        if self.blur_prob == 0:
+        if self.settings.blur_prob == 0:
             return views
         count, device = views.shape[0], views.device
-        chosen = (torch.rand(count, device=device) < self.blur_prob).nonzero().squeeze(1)
+        chosen = (torch.rand(count, device=device) < self.settings.blur_prob).nonzero().squeeze(1)
         if chosen.numel() == 0:
             return views
         kernel_size = blur_kernel_size(size)
         half = kernel_size // 2
-        sigma = _uniform(chosen.numel(), *self.blur_sigma, device)
+        low, high = self.settings.blur_sigma
+        sigma = _uniform(chosen.numel(), low, high, device)
         taps = torch.arange(-half, half + 1, device=device, dtype=views.dtype)
         kernels = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2).repeat_interleave(3, dim=0)  # per channel
         selected = views[chosen].reshape(1, chosen.numel() * 3, size, size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -16,7 +17,7 @@ _LARGEST_CROP = 8192  # pixels a side: four times a 2048 px crop, far beyond any
 
 __all__ = ["MultiCropSettings", "MultiCropTransform", "collate_crops"]
 
-_Settings = TypeVar("_Settings", bound="MultiCropSettings")
+_Augmentation = TypeVar("_Augmentation", bound="MultiCropAugmentation")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,80 +35,98 @@ def _check_per_size(name: str, value: Sequence[Any], count: int) -> tuple[Any, .
     return tuple(value)
 
 
+@dataclass(frozen=True)
 class MultiCropSettings:
-    """The validated settings of a SwAV multi-crop augmentation, and the usual presets.
-
+    """The validated settings of a SwAV multi-crop augmentation, and the usual presets: a frozen dataclass that
     :class:`MultiCropTransform` (per image, torchvision transforms, in DataLoader workers) and
-    :class:`~ignite_swav.BatchedMultiCrop` (per batch, on the batch's device) share them, so that one preset
-    means the same augmentation in both. Arguments as in :class:`MultiCropTransform`.
+    :class:`~ignite_swav.BatchedMultiCrop` (per batch, on the batch's device) are built from, so that one preset
+    means the same augmentation in both. Its fields are the transforms' arguments (see
+    :class:`MultiCropTransform`); sequences are kept as tuples, numbers as floats.
 
     Example:
-        >>> from ignite_swav import MultiCropSettings
+        >>> from ignite_swav import BatchedMultiCrop, MultiCropSettings, MultiCropTransform
         >>> settings = MultiCropSettings.for_cifar()
         >>> settings.size_crops, settings.num_crops, settings.total_crops
         ((32, 16), (2, 4), 6)
+        >>> MultiCropTransform(settings).settings == BatchedMultiCrop(settings).settings
+        True
     """
 
-    def __init__(
-        self,
-        size_crops: Sequence[int] = (224, 96),
-        num_crops: Sequence[int] = (2, 6),
-        min_scale_crops: Sequence[float] = (0.14, 0.05),
-        max_scale_crops: Sequence[float] = (1.0, 0.14),
-        color_strength: float = 1.0,
-        jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2),
-        flip_prob: float = 0.5,
-        blur_prob: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
+    size_crops: Sequence[int] = (224, 96)
+    num_crops: Sequence[int] = (2, 6)
+    min_scale_crops: Sequence[float] = (0.14, 0.05)
+    max_scale_crops: Sequence[float] = (1.0, 0.14)
+    color_strength: float = 1.0
+    jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2)
+    flip_prob: float = 0.5
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        size_crops, num_crops = self.size_crops, self.num_crops
         if isinstance(size_crops, (str, bytes)) or not isinstance(size_crops, Sequence) or not size_crops:
             raise ValueError(f"size_crops must be a non-empty sequence of crop sizes, got {size_crops!r}")
         count = len(size_crops)
-        self.size_crops = tuple(check_int(f"size_crops[{i}]", s, 1) for i, s in enumerate(size_crops))
-        for i, size in enumerate(self.size_crops):
+        sizes = tuple(check_int(f"size_crops[{i}]", s, 1) for i, s in enumerate(size_crops))
+        for i, size in enumerate(sizes):
             if size > _LARGEST_CROP:  # a typing mistake that would exhaust memory before any message
                 raise ValueError(f"size_crops[{i}] must be at most {_LARGEST_CROP} pixels, got {size}")
-        self.num_crops = tuple(
+        counts = tuple(
             check_int(f"num_crops[{i}]", n, 0) for i, n in enumerate(_check_per_size("num_crops", num_crops, count))
         )
-        if sum(self.num_crops) < 2:
+        if sum(counts) < 2:
             raise ValueError(f"num_crops must give at least 2 crops in all (SwAV compares views), got {num_crops}")
-        self.min_scale_crops = _check_per_size("min_scale_crops", min_scale_crops, count)
-        self.max_scale_crops = _check_per_size("max_scale_crops", max_scale_crops, count)
-        for i, (low, high) in enumerate(zip(self.min_scale_crops, self.max_scale_crops)):
+        low_scales = _check_per_size("min_scale_crops", self.min_scale_crops, count)
+        high_scales = _check_per_size("max_scale_crops", self.max_scale_crops, count)
+        for i, (low, high) in enumerate(zip(low_scales, high_scales)):
             if not 0 < low <= high <= 1:
                 raise ValueError(
-                    f"crop size {self.size_crops[i]}: scales must satisfy 0 < min_scale_crops <= max_scale_crops <= 1,"
+                    f"crop size {sizes[i]}: scales must satisfy 0 < min_scale_crops <= max_scale_crops <= 1,"
                     f" got ({low}, {high})"
                 )
-        if not 0 <= color_strength:
-            raise ValueError(f"color_strength must be >= 0, got {color_strength}")
-        if len(jitter) != 4 or min(jitter) < 0:
-            raise ValueError(f"jitter must be 4 values >= 0 (brightness, contrast, saturation, hue), got {jitter}")
-        if not 0 <= flip_prob <= 1:
-            raise ValueError(f"flip_prob must be a probability in [0, 1], got {flip_prob}")
-        if not 0 <= blur_prob <= 1:
-            raise ValueError(f"blur_prob must be a probability in [0, 1], got {blur_prob}")
-        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={mean}, std={std}")
-        self.color_strength = float(color_strength)
-        # brightness, contrast, saturation and hue at this strength (torchvision caps hue at 0.5)
-        strengths = [color_strength * j for j in jitter]
-        self.jitter_strengths = (strengths[0], strengths[1], strengths[2], min(strengths[3], 0.5))
-        self.flip_prob, self.blur_prob = float(flip_prob), float(blur_prob)
-        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self._build()
+        if not 0 <= self.color_strength:
+            raise ValueError(f"color_strength must be >= 0, got {self.color_strength}")
+        if len(self.jitter) != 4 or min(self.jitter) < 0:
+            raise ValueError(f"jitter must be 4 values >= 0 (brightness, contrast, saturation, hue), got {self.jitter}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob must be a probability in [0, 1], got {self.flip_prob}")
+        if not 0 <= self.blur_prob <= 1:
+            raise ValueError(f"blur_prob must be a probability in [0, 1], got {self.blur_prob}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={self.mean}, std={self.std}")
+        normalised = {
+            "size_crops": sizes,
+            "num_crops": counts,
+            "min_scale_crops": tuple(float(v) for v in low_scales),
+            "max_scale_crops": tuple(float(v) for v in high_scales),
+            "color_strength": float(self.color_strength),
+            "jitter": tuple(float(v) for v in self.jitter),
+            "flip_prob": float(self.flip_prob),
+            "blur_prob": float(self.blur_prob),
+            "blur_sigma": tuple(float(v) for v in self.blur_sigma),
+            "mean": tuple(float(v) for v in self.mean),
+            "std": tuple(float(v) for v in self.std),
+        }
+        for name, value in normalised.items():  # frozen: set once, here
+            object.__setattr__(self, name, value)
 
-    def _build(self) -> None:
-        """Subclasses build their pipeline from the validated settings here."""
+    @property
+    def jitter_strengths(self) -> tuple[float, float, float, float]:
+        """Brightness, contrast, saturation and hue jitter at ``color_strength`` (torchvision caps hue at 0.5)."""
+        strengths = [self.color_strength * j for j in self.jitter]
+        return (strengths[0], strengths[1], strengths[2], min(strengths[3], 0.5))
+
+    @property
+    def total_crops(self) -> int:
+        """Number of crops per image."""
+        return sum(self.num_crops)
 
     @classmethod
-    def for_cifar(cls: type[_Settings], **overrides: Any) -> _Settings:
+    def for_cifar(cls, **overrides: Any) -> MultiCropSettings:
         """Settings for 32 px images (CIFAR-10): 2x32 px + 4x16 px crops, colour strength 0.5, no blur."""
         settings: dict[str, Any] = {
             "size_crops": (32, 16),
@@ -122,7 +141,7 @@ class MultiCropSettings:
         return cls(**(settings | overrides))
 
     @classmethod
-    def for_small_images(cls: type[_Settings], size: int = 64, **overrides: Any) -> _Settings:
+    def for_small_images(cls, size: int = 64, **overrides: Any) -> MultiCropSettings:
         """Settings for small natural images (64-96 px: Tiny ImageNet, a folder of thumbnails): 2 x ``size`` +
         4 x ``size // 2`` px crops of 25-100% and 10-25% of the image, colour strength 0.5, no blur.
 
@@ -146,7 +165,7 @@ class MultiCropSettings:
         return cls(**(settings | overrides))
 
     @classmethod
-    def for_mnist(cls: type[_Settings], **overrides: Any) -> _Settings:
+    def for_mnist(cls, **overrides: Any) -> MultiCropSettings:
         """Settings for 28 px gray digits (MNIST): two 28 px crops of 30-100% of the image, no flip, no colour.
 
         A mirrored digit is another symbol, and saturation and hue do nothing to gray images; brightness and
@@ -170,7 +189,7 @@ class MultiCropSettings:
         return cls(**(settings | overrides))
 
     @classmethod
-    def for_digits(cls: type[_Settings], **overrides: Any) -> _Settings:
+    def for_digits(cls, **overrides: Any) -> MultiCropSettings:
         """Settings for scikit-learn's 8x8 digits upscaled: 2x32 px + 2x16 px crops of large parts, no blur.
 
         Digits are small, centred and gray: the two views must stay close enough for a randomly initialised
@@ -194,35 +213,62 @@ class MultiCropSettings:
         }
         return cls(**(settings | overrides))
 
-    @property
-    def total_crops(self) -> int:
-        """Number of crops per image."""
-        return sum(self.num_crops)
 
-    def settings(self) -> dict[str, Any]:
-        """The arguments that rebuild these settings (``type(self)(**s.settings())``)."""
-        return {
-            "size_crops": self.size_crops,
-            "num_crops": self.num_crops,
-            "min_scale_crops": self.min_scale_crops,
-            "max_scale_crops": self.max_scale_crops,
-            "color_strength": 1.0,
-            "jitter": self.jitter_strengths,
-            "flip_prob": self.flip_prob,
-            "blur_prob": self.blur_prob,
-            "blur_sigma": self.blur_sigma,
-            "mean": self.mean,
-            "std": self.std,
-        }
+class MultiCropAugmentation:
+    """What the two multi-crop transforms share: built from a :class:`MultiCropSettings` (or its fields as
+    keyword arguments), the same presets, and the settings' fields read through the transform
+    (``transform.size_crops``)."""
+
+    def __init__(self, settings: MultiCropSettings | None = None, **fields: Any) -> None:
+        if settings is None:
+            settings = MultiCropSettings(**fields)
+        elif fields:
+            raise TypeError(f"give a MultiCropSettings or its fields {sorted(fields)}, not both")
+        elif not isinstance(settings, MultiCropSettings):
+            raise TypeError(f"settings must be an ignite_swav.MultiCropSettings, got {type(settings).__name__}")
+        #: the augmentation's settings (frozen)
+        self.settings = settings
+        self._build()
+
+    def _build(self) -> None:
+        """Each transform builds its pipeline from :attr:`settings` here."""
+
+    def __getattr__(self, name: str) -> Any:
+        # the settings' fields and properties, read through the transform: transform.size_crops, .total_crops
+        settings = self.__dict__.get("settings")
+        if settings is not None and not name.startswith("_") and hasattr(settings, name):
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @classmethod
+    def for_cifar(cls: type[_Augmentation], **overrides: Any) -> _Augmentation:
+        """Built from :meth:`MultiCropSettings.for_cifar`."""
+        return cls(MultiCropSettings.for_cifar(**overrides))
+
+    @classmethod
+    def for_small_images(cls: type[_Augmentation], size: int = 64, **overrides: Any) -> _Augmentation:
+        """Built from :meth:`MultiCropSettings.for_small_images`."""
+        return cls(MultiCropSettings.for_small_images(size, **overrides))
+
+    @classmethod
+    def for_mnist(cls: type[_Augmentation], **overrides: Any) -> _Augmentation:
+        """Built from :meth:`MultiCropSettings.for_mnist`."""
+        return cls(MultiCropSettings.for_mnist(**overrides))
+
+    @classmethod
+    def for_digits(cls: type[_Augmentation], **overrides: Any) -> _Augmentation:
+        """Built from :meth:`MultiCropSettings.for_digits`."""
+        return cls(MultiCropSettings.for_digits(**overrides))
 
     def __repr__(self) -> str:
+        s = self.settings
         return (
-            f"{type(self).__name__}(size_crops={self.size_crops}, num_crops={self.num_crops}, "
-            f"min_scale_crops={self.min_scale_crops}, max_scale_crops={self.max_scale_crops})"
+            f"{type(self).__name__}(size_crops={s.size_crops}, num_crops={s.num_crops}, "
+            f"min_scale_crops={s.min_scale_crops}, max_scale_crops={s.max_scale_crops})"
         )
 
 
-class MultiCropTransform(MultiCropSettings):
+class MultiCropTransform(MultiCropAugmentation):
     """SwAV's multi-crop augmentation: returns the list of crop tensors of one image, large crops first.
 
     Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
@@ -236,6 +282,8 @@ class MultiCropTransform(MultiCropSettings):
     hand edits (no blur, which destroys 32 px images; smaller crops; data set statistics).
 
     Args:
+        settings: a :class:`MultiCropSettings` (a preset: ``MultiCropSettings.for_cifar()``), or its fields as
+            keyword arguments:
         size_crops: output size of each kind of crop.
         num_crops: how many crops of each size.
         min_scale_crops: smallest area fraction of the image each kind of crop covers.
@@ -258,21 +306,22 @@ class MultiCropTransform(MultiCropSettings):
     """
 
     def _build(self) -> None:
-        brightness, contrast, saturation, hue = self.jitter_strengths
+        s = self.settings
+        brightness, contrast, saturation, hue = s.jitter_strengths
         self.crop_transforms: list[v2.Compose] = []
-        for size, n, low, high in zip(self.size_crops, self.num_crops, self.min_scale_crops, self.max_scale_crops):
+        for size, n, low, high in zip(s.size_crops, s.num_crops, s.min_scale_crops, s.max_scale_crops):
             steps: list[Any] = [
                 v2.ToImage(),
                 v2.RGB(),  # grayscale images (digits, MNIST) become 3-channel
                 v2.RandomResizedCrop(size, scale=(low, high), antialias=True),
-                v2.RandomHorizontalFlip(p=self.flip_prob),
+                v2.RandomHorizontalFlip(p=s.flip_prob),
                 v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
                 v2.RandomGrayscale(p=0.2),
             ]
-            if self.blur_prob > 0:
+            if s.blur_prob > 0:
                 kernel = blur_kernel_size(size)
-                steps.append(v2.RandomApply([v2.GaussianBlur(kernel, self.blur_sigma)], p=self.blur_prob))
-            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+                steps.append(v2.RandomApply([v2.GaussianBlur(kernel, s.blur_sigma)], p=s.blur_prob))
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(s.mean), list(s.std))]
             self.crop_transforms += [v2.Compose(steps)] * n
 
     def __call__(self, image: Any) -> list[Tensor]:

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from ignite_swav import BatchedMultiCrop, MultiCropTransform, collate_images
+from ignite_swav import BatchedMultiCrop, MultiCropSettings, MultiCropTransform, collate_images
 from ignite_swav.batched_transforms import random_resized_boxes
 
 PLAIN = {"color_strength": 0.0, "flip_prob": 0.0, "blur_prob": 0.0, "mean": (0, 0, 0), "std": (1, 1, 1)}
@@ -53,8 +54,34 @@ def test_padded_images_are_cropped_inside_their_own_area():
 def test_same_settings_as_the_per_image_transform():
     transform = MultiCropTransform.for_cifar(flip_prob=0.3)
     augment = BatchedMultiCrop.from_transform(transform)
-    assert augment.settings() == transform.settings()
-    assert BatchedMultiCrop.for_cifar(flip_prob=0.3).settings() == transform.settings()
+    assert augment.settings == transform.settings == MultiCropSettings.for_cifar(flip_prob=0.3)
+    assert BatchedMultiCrop.for_cifar(flip_prob=0.3).settings == transform.settings
+    assert BatchedMultiCrop.from_transform(transform.settings).settings is transform.settings
+    assert augment.size_crops == (32, 16) and augment.total_crops == 6  # the settings read through the transform
+
+
+def test_the_settings_are_one_frozen_value_given_to_either_transform():
+    settings = MultiCropSettings(
+        size_crops=[32, 16], num_crops=[2, 4], min_scale_crops=[0.3, 0.1], max_scale_crops=[1, 0.3]
+    )
+    assert settings.size_crops == (32, 16) and settings.max_scale_crops == (1.0, 0.3)  # tuples and floats
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.flip_prob = 0.0
+    assert MultiCropTransform(settings).settings is settings and BatchedMultiCrop(settings).settings is settings
+    assert (
+        MultiCropTransform(
+            size_crops=(32, 16), num_crops=(2, 4), min_scale_crops=(0.3, 0.1), max_scale_crops=(1.0, 0.3)
+        ).settings
+        == settings
+    )  # the fields as keywords, as in 0.2
+    with pytest.raises(TypeError, match=r"give a MultiCropSettings or its fields \['flip_prob'\], not both"):
+        MultiCropTransform(settings, flip_prob=0.0)
+    with pytest.raises(TypeError, match="settings must be an ignite_swav.MultiCropSettings, got dict"):
+        BatchedMultiCrop({"size_crops": (32,)})
+    with pytest.raises(TypeError, match="transform must be a MultiCropTransform or MultiCropSettings, got str"):
+        BatchedMultiCrop.from_transform("cifar")
+    with pytest.raises(AttributeError, match="MultiCropTransform has no attribute 'size_crop'"):
+        getattr(MultiCropTransform(settings), "size_crop")  # noqa: B009 - the attribute read is the test
 
 
 def test_without_distortion_a_whole_image_crop_is_the_image_or_its_grayscale():

@@ -710,6 +710,8 @@ def test_mlflow_and_wandb_get_the_figures_and_the_settings_of_the_run(tmp_path: 
     mlflow = pytest.importorskip("mlflow")  # in the test extra: a skip here means a broken install, and CI fails it
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for quiet in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):  # no call home from a machine without the internet
+        monkeypatch.setenv(quiet, "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     status, output = run(tmp_path, "--epochs", "2", "--eval-every", "1", "--logger", "mlflow", "wandb")
     assert status == 0 and not (output / "tensorboard").exists()

@@ -16,22 +16,13 @@ import ignite.distributed as idist
 DATASETS = ("mnist5k", "digits", "cifar10", "stl10", "imagefolder")
 ARCHS = ("small_resnet", "resnet18", "resnet50")
 
-#: each logger and the package it needs (the one ``pip install`` names)
-LOGGER_PACKAGES = {
-    "tensorboard": "tensorboard",
-    "mlflow": "mlflow",
-    "wandb": "wandb",
-    "clearml": "clearml",
-    "neptune": "neptune",
-    "visdom": "visdom",
-    "polyaxon": "polyaxon",
-}
+#: the experiment loggers of --logger, each named after the package it needs
+LOGGERS = ("tensorboard", "mlflow", "wandb", "clearml", "neptune", "visdom", "polyaxon")
 
 
 def missing_packages(names: list[str]) -> list[str]:
     """The packages of the loggers ``names`` that are not installed, in the loggers' order."""
-    packages = [LOGGER_PACKAGES[n] for n in names if n in LOGGER_PACKAGES]
-    return [package for package in packages if importlib.util.find_spec(package) is None]
+    return [name for name in names if name in LOGGERS and importlib.util.find_spec(name) is None]
 
 
 class ExampleError(Exception):
@@ -125,7 +116,7 @@ def add_run_flags(parser: argparse.ArgumentParser, setting: Any) -> None:
     add(
         "--logger",
         nargs="+",
-        choices=(*LOGGER_PACKAGES, "none"),
+        choices=(*LOGGERS, "none"),
         default=["tensorboard"],
         help="experiment loggers, Ignite's own (several allowed; 'none': none): loss, learning rate, health, probes "
         "and speed, and the settings as the run's parameters (default: tensorboard)",

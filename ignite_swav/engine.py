@@ -243,6 +243,11 @@ def _prototype_weight(layer: nn.Module) -> Tensor:
     return weight
 
 
+def _num_heads(layer: nn.Module) -> int:
+    """The prototype heads of a layer: a ``SwAVPrototypes``' ``num_heads``, 1 for any other layer."""
+    return int(getattr(layer, "num_heads", 1))
+
+
 def _check_positional_types(model: Any, optimizer: Any, loss_fn: Any) -> None:
     order = "create_swav_trainer(model, optimizer, loss_fn, ...) takes Ignite's order"
     if isinstance(optimizer, SwAVLoss) and isinstance(loss_fn, Optimizer):
@@ -411,7 +416,7 @@ def create_swav_trainer(
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
     prototype_layer = cast(nn.Module, prototypes or _find_prototypes(model))
     # per head: each head's equipartition spreads the batch over its own K prototypes
-    prototype_count = _prototype_weight(prototype_layer).shape[0] // int(getattr(prototype_layer, "num_heads", 1))
+    prototype_count = _prototype_weight(prototype_layer).shape[0] // _num_heads(prototype_layer)
     warnings = _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters, freeze_prototypes_epochs)
     engine.add_event_handler(Events.STARTED, warnings)
     engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
@@ -602,7 +607,7 @@ def swav_training_step(
             "step fails without a word; pass scaler=True (create_swav_trainer) or a torch.amp.GradScaler, or use "
             "amp_dtype=torch.bfloat16"
         )
-    heads = int(getattr(prototype_layer, "num_heads", 1))  # SwAVPrototypes with several heads: (H, K, D) for the loss
+    heads = _num_heads(prototype_layer)  # several heads: the loss takes (H, K, D)
     loss_prototypes = prototype_weight if heads == 1 else prototype_weight.view(heads, -1, prototype_weight.shape[1])
     guard = StateGuard(model, extra=[prototype_weight])
     parameters = [p for p in model.parameters() if p.requires_grad]

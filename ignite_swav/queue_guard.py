@@ -14,11 +14,12 @@ import torch
 from ignite import distributed as idist
 from ignite.base import Serializable
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from torch import Tensor
 
 from ignite_swav._distributed import values_by_rank
 from ignite_swav._validation import check_int
-from ignite_swav.checkpoint import check_entries, load_objects
+from ignite_swav.checkpoint import check_entries
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import SwAVHealthMonitor
 from ignite_swav.queue import SwAVQueueHandler
@@ -265,7 +266,7 @@ class SwAVQueueGuard(Serializable):
         if snapshot is None:
             raise RuntimeError("SwAVQueueGuard holds no state from before the queue: there is nothing to go back to")
         self._check_copy_on_every_rank(snapshot)
-        load_objects(self.to_save, snapshot["objects"])
+        Checkpoint.load_objects(self.to_save, dict(snapshot["objects"]))  # checked above, on every rank
         self.health_monitor.load_state_dict(snapshot["health_monitor"])
         _set_random_states(snapshot["rng"])
         at_epoch, at_iteration = int(engine.state.epoch), int(engine.state.iteration)

@@ -75,12 +75,12 @@ def create_swav_lr_scheduler(
     epoch_length = check_int("epoch_length", epoch_length, 1)
     warmup_iters = round(check_nonnegative_float("warmup_epochs", warmup_epochs) * epoch_length)
     total = num_epochs * epoch_length
-    # one warm-up iteration is the start value alone; the milestones must still differ
-    linear = PiecewiseLinear(optimizer, param_name, [(0, warmup_start_lr), (max(warmup_iters - 1, 1), lr)])
-    if warmup_iters >= total:  # the reference's arrays: a warm-up as long as the run (or longer) and no cosine
-        return linear
     # Ignite's cosine needs a cycle of 2 events at least; a cycle longer than the run would never reach its end
     cosine = CosineAnnealingScheduler(optimizer, param_name, lr, final_lr, cycle_size=max(2, total - warmup_iters))
     if warmup_iters == 0:
         return cosine
+    # one warm-up iteration is the start value alone; the milestones must still differ
+    linear = PiecewiseLinear(optimizer, param_name, [(0, warmup_start_lr), (max(warmup_iters - 1, 1), lr)])
+    if warmup_iters >= total:  # the reference's arrays: a warm-up as long as the run (or longer) and no cosine
+        return linear
     return ConcatScheduler([linear, cosine], durations=[warmup_iters])

@@ -94,3 +94,29 @@ def test_bad_heads_are_refused_in_one_line():
         SwAVLoss()(scores=scores, embeddings=embeddings, prototypes=prototypes[:2])
     with pytest.raises(ValueError, match=r"prototypes must be a \(K, D\) tensor, or \(H, K, D\)"):
         SwAVLoss()(scores=scores, embeddings=embeddings, prototypes=prototypes[None])
+
+
+def _two_ranks_with_heads(rank: int) -> None:
+    # each rank its own 2 images: the heads' Sinkhorns run over both ranks; a NaN on rank 1 alone stops both ranks
+    import ignite.distributed as idist
+
+    prototypes, embeddings = heads_and_crops(seed=0)
+    mine = [z[2 * rank : 2 * rank + 2] for z in embeddings]
+    scores = [z @ prototypes.reshape(-1, DIM).t() for z in mine]
+    loss_fn = SwAVLoss()
+    loss = loss_fn(scores=scores, embeddings=mine, prototypes=prototypes)
+    assert torch.isfinite(idist.all_gather(loss.detach().reshape(1))).all()
+    codes = loss_fn.last_step.codes
+    assert codes.shape == (2 * HEADS, 2, K) and torch.allclose(codes.sum(dim=2), torch.ones(2 * HEADS, 2))
+    bad = [s.clone() for s in scores]
+    if rank == 1:
+        bad[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in scores\[0\]"):
+        SwAVLoss()(scores=bad, embeddings=mine, prototypes=prototypes)
+
+
+@pytest.mark.distributed
+def test_on_two_processes_the_heads_share_one_equipartition_and_one_rank_s_nan_stops_both():
+    from spawned import run_group
+
+    run_group(_two_ranks_with_heads, timeout=90)

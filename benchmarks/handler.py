@@ -35,8 +35,7 @@ def _measure(local_rank: int, queue_lengths: list[int], feat_dim: int, repeats: 
             loss, queue_length=length, epoch_queue_starts=0, batch_size=64, feat_dim=feat_dim, dirname=workdir
         )
         engine = Engine(lambda e, b: None)
-        handler.queue_length = length
-        handler.queue = F.normalize(torch.randn(2, length // world_size, feat_dim), dim=2)
+        handler.queue.rows = F.normalize(torch.randn(2, length // world_size, feat_dim), dim=2)
         gather, write, load = [], [], []
         for epoch in range(1, repeats + 2):  # the first epoch warms up
             engine.state.epoch, engine.state.iteration = epoch, epoch * 100

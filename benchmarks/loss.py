@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from _machine import describe
 from _previous import load_package_at
 
-from ignite_swav import SwAVLoss
+from ignite_swav import SwAVLoss, SwAVQueue
 
 FEAT_DIM = 128
 TEMPERATURE, EPSILON, ITERATIONS = 0.1, 0.05, 3
@@ -73,9 +73,15 @@ def ours(loss_class: type = SwAVLoss) -> Callable:
     loss = loss_class(crops_for_assign=(0, 1), temperature=TEMPERATURE, epsilon=EPSILON, sinkhorn_iterations=ITERATIONS)
 
     def run(scores, embeddings, prototypes, queue):
-        # a full queue that is not modified between runs: SwAVLoss pushes the batch, so hand it a copy
-        loss.queue = None if queue is None else queue.clone()
-        loss.use_queue = queue is not None
+        # a full queue that is not modified between runs: SwAVLoss pushes the batch, so its rows are set back in
+        # place (the same rows: their fill, read at the first run, is not read again)
+        if queue is None:
+            loss.queue = None
+        elif loss.queue is None or loss.queue.rows is None or loss.queue.rows.shape != queue.shape:
+            loss.queue = SwAVQueue(queue.shape[1])
+            loss.queue.rows = queue.clone()
+        else:
+            loss.queue.rows.copy_(queue)
         return loss(scores=scores, embeddings=embeddings, prototypes=prototypes)
 
     return run

@@ -33,6 +33,7 @@ from ignite_swav import (  # noqa: E402
     SwAVModel,
     SwAVProjectionHead,
     SwAVPrototypes,
+    SwAVQueue,
     create_swav_trainer,
 )
 
@@ -55,7 +56,8 @@ def build(setting: dict) -> tuple[Engine, SwAVLoss, SwAVModel]:
     model = SwAVModel(backbone, head, SwAVPrototypes(setting["feat_dim"], setting["prototypes"]))
     loss_fn = SwAVLoss()
     if setting["queue"]:
-        loss_fn.queue = F.normalize(torch.randn(2, setting["queue"], setting["feat_dim"]), dim=2)
+        loss_fn.queue = SwAVQueue(setting["queue"])
+        loss_fn.queue.rows = F.normalize(torch.randn(2, setting["queue"], setting["feat_dim"]), dim=2)
     trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), loss_fn)
     trainer.state.iteration = 1_000  # past any prototype freezing
     return trainer, loss_fn, model

@@ -21,7 +21,7 @@ from _machine import describe
 from torch import nn
 from torchvision import models
 
-from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, create_swav_trainer
+from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, SwAVQueue, create_swav_trainer
 
 
 def build_model(arch: str, feat_dim: int, num_prototypes: int) -> SwAVModel:
@@ -47,7 +47,8 @@ def swav_step(model, optimizer, args, device, batch_size) -> Callable[[list[torc
     if args.queue_length:
         # a full queue, as in the second half of a run: every step scores it and pushes the batch into it
         queue = F.normalize(torch.randn(2, args.queue_length, args.feat_dim, device=device), dim=2)
-        loss_fn.queue, loss_fn.use_queue = queue, True
+        loss_fn.queue = SwAVQueue(args.queue_length)
+        loss_fn.queue.rows = queue
     return lambda crops: trainer._process_function(trainer, crops)
 
 

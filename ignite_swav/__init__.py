@@ -13,15 +13,16 @@ from ignite_swav.modules import SwAVModel, SwAVProjectionHead, SwAVPrototypes, u
 from ignite_swav.preemption import PreemptionHandler
 from ignite_swav.pretrained import export_backbone, load_official_checkpoint
 from ignite_swav.probe import OnlineLinearProbe
-from ignite_swav.queue import SwAVQueueHandler
+from ignite_swav.queue import SwAVQueue
 from ignite_swav.queue_guard import QueueRetreat, SwAVQueueGuard
+from ignite_swav.queue_handler import SwAVQueueHandler
 from ignite_swav.releases import RELEASES, Release, download_release, resnet50_wide
 from ignite_swav.schedules import create_swav_lr_scheduler
 from ignite_swav.settings import check_settings
 from ignite_swav.sinkhorn import sinkhorn
 from ignite_swav.transforms import MultiCropSettings, MultiCropTransform, collate_crops
 
-__version__ = "0.2.0"
+__version__ = "1.0.0rc1"
 
 __all__ = [
     "BatchedMultiCrop",
@@ -42,6 +43,7 @@ __all__ = [
     "SwAVModel",
     "SwAVProjectionHead",
     "SwAVPrototypes",
+    "SwAVQueue",
     "SwAVQueueGuard",
     "SwAVQueueHandler",
     "__version__",

@@ -210,7 +210,7 @@ class Verdicts:
     def _act(self, engine: Engine, step: StepVerdict, values: list[float]) -> None:
         if any(values[:_STOP]):
             self.guard.restore()  # a step under way when an earlier one is found bad: it changes nothing either
-            self.loss_fn._uncount(step.counted)  # its push was skipped on the device
+            self.loss_fn._uncount(step.pending, step.counted)  # its push was skipped on the device
             if any(values[:4]):  # the loss's own checks: its message names the crop (a collective: every rank is here)
                 self.loss_fn._raise_bad_values(step.pending)
             raise ValueError(self._gradient_message(step))

@@ -527,7 +527,7 @@ def _attach_queue_events(trainer: Engine, loss_fn: SwAVLoss) -> None:
             )
 
     def first_use(engine: Engine) -> None:
-        if loss_fn.use_queue and not queue_used_in_run[0]:
+        if loss_fn.queue_in_use and not queue_used_in_run[0]:
             queue_used_in_run[0] = True
             engine.fire_event(SwAVEvents.QUEUE_FIRST_USED)
 

@@ -314,7 +314,7 @@ class SwAVHealthMonitor(Serializable):
             self._sums.add_(torch.where(step.accepted, entropy_and_loss, 0.0))
         self._rows += codes.shape[0] * codes.shape[1]
         self._steps += 1
-        self._queue_used = self._queue_used or self.loss_fn.use_queue
+        self._queue_used = self._queue_used or self.loss_fn.queue_in_use
 
     @staticmethod
     def _head_offsets(heads: int, width: int, chosen: Tensor) -> Tensor:

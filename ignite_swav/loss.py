@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ignite import distributed as idist
 from torch import Tensor, nn
 
-from ignite_swav._distributed import all_reduce, any_flag_on_any_rank, values_by_rank
+from ignite_swav._deprecation import warn_renamed
+from ignite_swav._distributed import any_flag_on_any_rank, values_by_rank
 from ignite_swav._loss_checks import (
     MAX_ABS_SCORE,
     SMALLEST_DIVISOR,
@@ -19,6 +20,7 @@ from ignite_swav._loss_checks import (
     check_inputs,
 )
 from ignite_swav._validation import check_crops_for_assign, check_int, check_positive_float
+from ignite_swav.queue import SwAVQueue
 from ignite_swav.sinkhorn import codes_from_rows, sinkhorn_method
 
 __all__ = ["SwAVLoss", "SwAVLossStep"]
@@ -73,7 +75,8 @@ class _PendingStep(NamedTuple):
     all_scores: Tensor
     pushed_embeddings: Tensor
     prototypes: Tensor | None
-    queue: Tensor | None
+    queue: SwAVQueue | None
+    rows: Tensor | None  # the queue's rows this call read: a push goes into them only if they are still the queue's
 
 
 class SwAVLoss(nn.Module):
@@ -90,15 +93,11 @@ class SwAVLoss(nn.Module):
     computed together: one log-softmax over all crops, the
     assigned crops' Sinkhorn as one batched problem, one push into the queue.
 
-    The queue: the attributes ``queue`` (``(len(crops_for_assign), L, D)`` tensor, or ``None``) and
-    ``use_queue`` are managed by :class:`ignite_swav.SwAVQueueHandler`, which also sets ``queue_factory``
-    (called with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due before its shape
-    is known; it returns the new queue). In a step, the queue is read before the current batch's assigned
-    embeddings are pushed into it (newest rows first), so a batch is never in its own queue. The queue is
-    used once full, i.e. once its last row was written (rows are unit vectors, so a zero row was never
-    written): how full it is, is read from the tensor once when a new tensor is assigned to ``queue`` (on
-    every rank: the queue is used once every rank's is full, at the same step everywhere) and counted on the host
-    afterwards, so that a step never waits for the device to know it.
+    The queue: a :class:`~ignite_swav.SwAVQueue` (``queue``), made and driven by
+    :class:`~ignite_swav.SwAVQueueHandler` in an Ignite run, or given here. In a step, the queue is read before the
+    current batch's assigned embeddings are pushed into it (newest rows first), so a batch is never in its own
+    queue; it is scored once full on every rank (:attr:`SwAVQueue.in_use <ignite_swav.SwAVQueue.in_use>`, counted on
+    the host, so that a step never waits for the device to know it).
 
     Inputs are SwAV's: unit-norm embeddings and prototypes, so that scores are cosine similarities. Scores
     beyond ``[-1, 1]`` (by more than autocast's rounding), assigned embeddings that are not unit vectors
@@ -116,6 +115,8 @@ class SwAVLoss(nn.Module):
         temperature: softmax temperature of the predictions.
         epsilon: Sinkhorn regularisation.
         sinkhorn_iterations: Sinkhorn-Knopp iterations.
+        queue: the :class:`~ignite_swav.SwAVQueue` to fill and score, or ``None`` (``SwAVQueueHandler`` gives the
+            loss its own).
 
     Example:
         >>> import torch
@@ -136,6 +137,7 @@ class SwAVLoss(nn.Module):
         temperature: float = 0.1,
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
+        queue: SwAVQueue | None = None,
     ) -> None:
         super().__init__()
         self.crops_for_assign = check_crops_for_assign(crops_for_assign)
@@ -144,15 +146,8 @@ class SwAVLoss(nn.Module):
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 1)
         # chosen once from the bound on cosine scores: no step reads the scores' range from the device
         self._sinkhorn_method = sinkhorn_method(2 * MAX_ABS_SCORE / self.epsilon)
-        self._queue: Tensor | None = None
-        # rows still to write before the queue of every rank is full (host count; None: read at its first use)
-        self._rows_missing: int | None = None
-        self.use_queue = False
-        #: called by the loss with the first batch's ``(batch_size, feat_dim, device)`` when the queue is due
-        #: but its shape is not known yet; returns the queue (or ``None``). Set by ``SwAVQueueHandler``.
-        self.queue_factory: Callable[[int, int, torch.device], Tensor | None] | None = None
-        #: the :class:`~ignite_swav.SwAVQueueHandler` that manages ``queue`` (it registers itself), or ``None``
-        self.queue_handler: Any = None
+        self._queue: SwAVQueue | None = None
+        self.queue = queue
         #: ``(batch size, embedding width)`` of the last call
         self.last_batch_shape: tuple[int, int] | None = None
         #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call
@@ -163,15 +158,44 @@ class SwAVLoss(nn.Module):
         self._constants_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
-    def queue(self) -> Tensor | None:
-        """The queue, ``(len(crops_for_assign), L, D)``, or ``None``: assign a tensor to replace it."""
+    def queue(self) -> SwAVQueue | None:
+        """The :class:`~ignite_swav.SwAVQueue` the loss fills and scores, or ``None``. Assigning a tensor (0.2's way
+        of giving the queue's rows) still works, deprecated: it becomes a started ``SwAVQueue`` of those rows."""
         return self._queue
 
     @queue.setter
-    def queue(self, value: Tensor | None) -> None:
-        if value is not self._queue:
-            self._queue = value
-            self._rows_missing = None
+    def queue(self, value: SwAVQueue | Tensor | None) -> None:
+        if isinstance(value, Tensor):
+            warn_renamed("assigning a tensor to SwAVLoss.queue", "SwAVLoss(queue=SwAVQueue(length))")
+            rows = value
+            value = SwAVQueue(
+                rows.shape[1] * idist.get_world_size() if rows.ndim == 3 else 0, len(self.crops_for_assign)
+            )
+            value.rows = rows  # checks the layout
+        if value is not None and not isinstance(value, SwAVQueue):
+            raise TypeError(f"queue must be an ignite_swav.SwAVQueue or None, got {type(value).__name__}")
+        if value is not None and value.num_crops != len(self.crops_for_assign):
+            raise ValueError(
+                f"the queue has num_crops={value.num_crops}, but the loss assigns {len(self.crops_for_assign)} "
+                f"crops (crops_for_assign={self.crops_for_assign}): one queue slot per assigned crop"
+            )
+        self._queue = value
+
+    @property
+    def queue_in_use(self) -> bool:
+        """Whether the last call scored the queue (it is full on every rank); ``False`` without a queue."""
+        return self._queue is not None and self._queue.in_use
+
+    @property
+    def use_queue(self) -> bool:
+        """Deprecated name of :attr:`queue_in_use` (removed in 1.1)."""
+        warn_renamed("SwAVLoss.use_queue", "SwAVLoss.queue_in_use")
+        return self.queue_in_use
+
+    @property
+    def queue_handler(self) -> Any:
+        """The :class:`~ignite_swav.SwAVQueueHandler` that drives ``queue``, or ``None``."""
+        return None if self._queue is None else self._queue.handler
 
     def extra_repr(self) -> str:
         return (
@@ -182,7 +206,7 @@ class SwAVLoss(nn.Module):
     def forward(
         self, embeddings: Sequence[Tensor], scores: Sequence[Tensor], prototypes: Tensor, *, check_finite: bool = True
     ) -> Tensor:
-        """Loss of one step; pushes the assigned crops' embeddings into ``queue`` when there is one.
+        """Loss of one step; pushes the assigned crops' embeddings into ``queue`` when it has rows.
 
         The arguments come in the order of :class:`~ignite_swav.SwAVModel`'s output, ``(embeddings, scores)``, since
         1.0 (before: ``scores`` first); a call in the old positional order is refused with a ``TypeError`` that says
@@ -201,7 +225,10 @@ class SwAVLoss(nn.Module):
             The scalar loss (float32).
         """
         self.raise_if_non_finite()
-        batch_size = check_inputs(embeddings, scores, prototypes, self.crops_for_assign, self._queue)
+        queue = self._queue
+        batch_size = check_inputs(
+            embeddings, scores, prototypes, self.crops_for_assign, None if queue is None else queue.rows
+        )
         feat_dim = embeddings[0].shape[1]
         if self.last_batch_shape is None:
             # once, before the first collective of the Sinkhorn: ranks with other shapes would abort in it (gloo)
@@ -213,31 +240,27 @@ class SwAVLoss(nn.Module):
                     f"rank: {shapes}): every process needs the same batch size and the same model"
                 )
         self.last_batch_shape = (batch_size, feat_dim)
-        if self._queue is None and self.queue_factory is not None:
-            factory, self.queue_factory = self.queue_factory, None
-            self.queue = factory(batch_size, feat_dim, embeddings[0].device)
-        queue = self._queue
         # decided on the host (the queue's fill is counted there), before the computation
-        if queue is not None and self._queue_is_full(queue):
-            self.use_queue = True
-        used_queue = queue if queue is not None and self.use_queue else None
+        scored = queue is not None and queue.prepare(batch_size, feat_dim, embeddings[0].device) is not None
         loss, codes, assigned_scores, flags, all_scores, pushed_embeddings = self._computation(
-            scores, embeddings, prototypes, used_queue
+            scores, embeddings, prototypes, queue if scored else None
         )
-        checked_prototypes = prototypes.detach() if used_queue is not None else None
+        checked_prototypes = prototypes.detach() if scored else None
         loss_value = loss.detach()
         self.last_step = SwAVLossStep(loss_value, codes, assigned_scores, num_heads=_num_heads(prototypes))
-        self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue)
+        rows = None if queue is None else queue.rows
+        self._pending = _PendingStep(flags, all_scores, pushed_embeddings, checked_prototypes, queue, rows)
         if check_finite:
             self.raise_if_non_finite()
         return loss
 
     def _compute(
-        self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor, queue: Tensor | None
+        self, scores: Sequence[Tensor], embeddings: Sequence[Tensor], prototypes: Tensor, queue: SwAVQueue | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The computation of one call, tensors only (what :meth:`compile` compiles): the loss, the codes and
-        scores of the assigned crops, this rank's check flags, all scores and the assigned embeddings (detached).
-        ``queue`` is the queue when its scores join the Sinkhorn (a full queue), else ``None``."""
+        """The computation of one call (what :meth:`compile` compiles): the loss, the codes and scores of the assigned
+        crops, this rank's check flags, all scores and the assigned embeddings (detached). ``queue`` is the queue
+        when its scores join the Sinkhorn (a full queue), else ``None``; its rows are only read here (the push waits
+        for the step's verdict)."""
         batch_size = scores[0].shape[0]
         num_crops, num_assigned, heads = len(scores), len(self.crops_for_assign), _num_heads(prototypes)
         stacked_scores = torch.stack(list(scores))  # (V, B, H * K)
@@ -278,7 +301,9 @@ class SwAVLoss(nn.Module):
         recompiles it. :func:`~ignite_swav.create_swav_trainer` does it with ``compile_model``."""
         self._computation = torch.compile(self._compute, *args, **kwargs)
 
-    def _sinkhorn_rows(self, assigned_scores: Tensor, queue: Tensor | None, prototypes: Tensor) -> tuple[Tensor, Any]:
+    def _sinkhorn_rows(
+        self, assigned_scores: Tensor, queue: SwAVQueue | None, prototypes: Tensor
+    ) -> tuple[Tensor, Any]:
         """The Sinkhorn's ``(crops, batch + queue, K)`` rows in the method's dtype (the queue's scores under the
         current prototypes after the batch's), and the stabilised method's scratch matrix (or ``None``)."""
         dtype = self._sinkhorn_method[1]
@@ -286,25 +311,16 @@ class SwAVLoss(nn.Module):
             # a compiled graph allocates and fuses its own buffers (an out= into a slice would break the graph)
             blocks = [assigned_scores.to(dtype)]
             if queue is not None:
-                blocks.append(torch.bmm(*self._queue_factors(queue, prototypes, dtype)))
+                blocks.append(queue.scores(prototypes, dtype))
             return torch.cat(blocks, dim=1), None
         batch_size = assigned_scores.shape[1]
-        length = 0 if queue is None else queue.shape[1]
+        length = 0 if queue is None or queue.rows is None else queue.rows.shape[1]
         shape = (assigned_scores.shape[0], batch_size + length, assigned_scores.shape[2])
         rows, scratch = self._workspace(shape, assigned_scores.device)
         rows[:, :batch_size] = assigned_scores
         if queue is not None:
-            torch.bmm(*self._queue_factors(queue, prototypes, dtype), out=rows[:, batch_size:])
+            queue.scores(prototypes, dtype, out=rows[:, batch_size:])
         return rows, scratch
-
-    def _queue_factors(self, queue: Tensor, prototypes: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The queue's rows and the prototypes, as the batched product giving the queue's scores of every assigned
-        crop and head, laid out as the Sinkhorn's problems: ``(A * H, L, D)`` and ``(A * H, D, K)``."""
-        heads, num_assigned = _num_heads(prototypes), len(self.crops_for_assign)
-        if heads == 1:
-            return queue.to(dtype), prototypes.detach().to(dtype).t().expand(num_assigned, -1, -1)
-        per_head = prototypes.detach().to(dtype).transpose(1, 2)  # (H, D, K)
-        return queue.to(dtype).repeat_interleave(heads, dim=0), per_head.repeat(num_assigned, 1, 1)
 
     def _weighted_log_probs(
         self, stacked_scores: Tensor, scores: Sequence[Tensor], codes: Tensor, assigned: Tensor, heads: int
@@ -344,7 +360,7 @@ class SwAVLoss(nn.Module):
         flags = any_flag_on_any_rank(pending.flags) if idist.get_world_size() > 1 else pending.flags
         counted = self._commit(pending, flags.any().logical_not())
         if bool(flags.any()):
-            self._uncount(counted)
+            self._uncount(pending, counted)
             self._raise_bad_values(pending)
 
     def _raise_bad_values(self, pending: _PendingStep) -> None:
@@ -361,13 +377,17 @@ class SwAVLoss(nn.Module):
 
     def _commit(self, pending: _PendingStep, valid: Tensor) -> int:
         """Push the pending step's embeddings into its queue where ``valid`` (a device boolean: nothing is read);
-        returns how many rows were counted as written on the host."""
-        return 0 if pending.queue is None else self._push(pending.queue, pending.pushed_embeddings, valid)
+        returns how many rows were counted as written on the host. Rows replaced since the call (a restored
+        checkpoint) get nothing: the step's embeddings belong to the rows it read."""
+        queue = pending.queue
+        if queue is None or pending.rows is None or queue.rows is not pending.rows:
+            return 0
+        return queue.push(pending.pushed_embeddings, valid)
 
-    def _uncount(self, counted: int) -> None:
+    def _uncount(self, pending: _PendingStep, counted: int) -> None:
         """Uncount the rows a refused step's push counted on the host (the push was skipped on the device)."""
-        if self._rows_missing is not None:
-            self._rows_missing += counted
+        if pending.queue is not None:
+            pending.queue.uncount(counted)
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The assigned crops' indices and the checks' limits on ``device``, made once (not at every step)."""
@@ -389,35 +409,6 @@ class SwAVLoss(nn.Module):
             scratch = torch.empty_like(rows) if self._sinkhorn_method[0] == "stabilised" else None
             workspace = self._workspace_tensors = (rows, scratch)
         return workspace
-
-    def _queue_is_full(self, queue: Tensor) -> bool:
-        if self.use_queue:
-            return True
-        if self._rows_missing is None:
-            # One read per queue tensor (a new run, a restored checkpoint), of every rank's fill: rows are written
-            # from the top, so the written rows are the leading non-zero ones. The queue comes into use when the
-            # emptiest rank's is full, at the same step on every rank (after a reshard their fills may differ).
-            written = queue[0].ne(0).any(dim=1)
-            missing = torch.where(written[-1], 0, queue.shape[1] - written.sum())
-            if idist.get_world_size() > 1:
-                missing = all_reduce(missing, op="MAX")
-            self._rows_missing = int(missing.item())
-        return self._rows_missing <= 0
-
-    @torch.no_grad()
-    def _push(self, queue: Tensor, embeddings: Tensor, valid: Tensor) -> int:
-        """Push the batch (newest rows first: on top of the queue shifted down by the batch), chosen on the device
-        by ``valid`` (no host synchronisation), so a bad step leaves the queue as it was; returns how many rows
-        were counted as written on the host."""
-        length = queue.shape[1]
-        pushed = min(embeddings.shape[1], length)
-        updated = torch.cat([embeddings[:, :pushed].to(queue.dtype), queue[:, : length - pushed]], dim=1)
-        queue.copy_(torch.where(valid, updated, queue))
-        if self._rows_missing is None:
-            return 0
-        counted = min(max(self._rows_missing, 0), pushed)
-        self._rows_missing -= counted
-        return counted
 
 
 def _num_heads(prototypes: Tensor) -> int:

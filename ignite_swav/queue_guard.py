@@ -22,7 +22,7 @@ from ignite_swav._validation import check_int
 from ignite_swav.checkpoint import check_entries
 from ignite_swav.events import SwAVEvents
 from ignite_swav.health import SwAVHealthMonitor
-from ignite_swav.queue import SwAVQueueHandler
+from ignite_swav.queue_handler import SwAVQueueHandler
 
 __all__ = ["QueueRetreat", "SwAVQueueGuard"]
 
@@ -217,7 +217,9 @@ class SwAVQueueGuard(Serializable):
 
     def _queue_due_next_epoch(self, engine: Engine) -> bool:
         handler = self.queue_handler
-        return handler.queue_length > 0 and handler.queue is None and engine.state.epoch >= handler.epoch_queue_starts
+        return (
+            handler.queue_length > 0 and handler.queue.rows is None and engine.state.epoch >= handler.epoch_queue_starts
+        )
 
     def _keep_if_due(self, engine: Engine) -> None:
         if self.snapshot is None and self._queue_due_next_epoch(engine):

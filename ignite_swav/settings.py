@@ -41,8 +41,8 @@ def check_settings(
         world_size: the number of processes (default: this run's).
         data_length: images in the data set (all processes together), when known.
         epochs: the run's number of epochs, when known.
-        queue_length: the global queue length (default: the queue handler's).
-        epoch_queue_starts: epochs trained before the queue (default: the queue handler's).
+        queue_length: the global queue length (default: that of the loss's queue, 0 without one).
+        epoch_queue_starts: epochs trained before the queue (default: the queue handler's, 0 without one).
         freeze_prototypes_iters: iterations with frozen prototypes, when known.
 
     Raises:
@@ -60,7 +60,7 @@ def check_settings(
     num_prototypes = check_int("num_prototypes", num_prototypes, 1)
     world_size = check_int("world_size", world_size if world_size is not None else idist.get_world_size(), 1)
     if queue_length is None:
-        queue_length = handler.requested_queue_length if handler is not None else 0
+        queue_length = loss_fn.queue.requested_length if loss_fn.queue is not None else 0
     if epoch_queue_starts is None:
         epoch_queue_starts = handler.epoch_queue_starts if handler is not None else 0
     global_batch = batch_size * world_size

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import models
 
-from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes
+from ignite_swav import SwAVLoss, SwAVModel, SwAVProjectionHead, SwAVPrototypes, SwAVQueue
 
 
 class TinyBackbone(nn.Module):
@@ -34,6 +34,13 @@ def tiny_swav_model(feat_dim: int = 8, num_prototypes: int = 12, width: int = 16
         SwAVProjectionHead(width, hidden_dim=32, out_dim=feat_dim),
         SwAVPrototypes(feat_dim, num_prototypes),
     )
+
+
+def queue_of(rows: torch.Tensor) -> SwAVQueue:
+    """A started queue holding ``rows`` (its fill is read from them at the loss's next call)."""
+    queue = SwAVQueue(rows.shape[1], num_crops=rows.shape[0])
+    queue.rows = rows
+    return queue
 
 
 def random_crops(batch: int = 4, sizes=(16, 16, 8, 8, 8), seed: int = 0) -> list[torch.Tensor]:
@@ -94,7 +101,9 @@ def queue_breaking_step(loss_fn: SwAVLoss, seed: int = 1):
 
     def step(engine, batch):  # noqa: ANN001, ANN202
         z = F.normalize(torch.randn(8, 8, generator=g), dim=1)
-        views = [z, z] if not loss_fn.use_queue else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
+        views = (
+            [z, z] if not loss_fn.queue_in_use else [F.normalize(torch.randn(8, 8, generator=g), dim=1) for _ in "ab"]
+        )
         return loss_fn(scores=[v @ prototypes.t() for v in views], embeddings=views, prototypes=prototypes).item()
 
     return step

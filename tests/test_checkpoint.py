@@ -41,7 +41,7 @@ def snapshot(objects: dict) -> dict:
         "model": {k: v.clone() for k, v in objects["model"].state_dict().items()},
         "optimizer": str(objects["optimizer"].state_dict()),
         "iteration": objects["trainer"].state.iteration,
-        "queue": objects["queue_handler"].queue,
+        "queue": objects["queue_handler"].queue.rows,
     }
 
 
@@ -52,7 +52,7 @@ def test_a_good_checkpoint_loads_every_object(tmp_path: Path):
     for a, b in zip(objects["model"].state_dict().values(), saved["model"].state_dict().values()):
         assert torch.equal(a, b)
     assert objects["trainer"].state.iteration == 6
-    assert torch.equal(objects["queue_handler"].queue, saved["queue_handler"].queue)
+    assert torch.equal(objects["queue_handler"].queue.rows, saved["queue_handler"].queue.rows)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_crops, tiny_swav_model
+from helpers import queue_of, random_crops, tiny_swav_model
 from ignite.engine import Engine, Events
 
 from ignite_swav import SwAVLoss, create_swav_trainer, swav_training_step
@@ -28,9 +28,9 @@ def loss_inputs(seed: int = 0):
 
 def full_loss(epsilon: float = 0.05) -> SwAVLoss:
     loss_fn = SwAVLoss(epsilon=epsilon)
-    loss_fn.queue = F.normalize(torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(9)), dim=2)
+    loss_fn.queue = queue_of(F.normalize(torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(9)), dim=2))
     loss_fn(*loss_inputs())  # reads the fill once: full, in use from now on
-    assert loss_fn.use_queue
+    assert loss_fn.queue_in_use
     return loss_fn
 
 
@@ -50,7 +50,7 @@ def test_the_steps_graph_breaks_are_torchs_own_never_in_the_librarys_code():
     loss_fn = SwAVLoss()
     step = swav_training_step(model, optimizer, loss_fn, output_transform=lambda *args: None)
     engine = Engine(step)
-    loss_fn.queue = F.normalize(torch.randn(2, 8, 8), dim=2)
+    loss_fn.queue = queue_of(F.normalize(torch.randn(2, 8, 8), dim=2))
     batches = [random_crops(4, sizes=(16, 16, 8, 8), seed=i) for i in range(3)]
     engine.run(batches, max_epochs=1)
     explained = torch._dynamo.explain(step)(engine, batches[0])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 import ignite_swav
-from ignite_swav import SwAVLoss, SwAVQueueHandler
+from ignite_swav import SwAVLoss, SwAVQueue, SwAVQueueHandler
 
 
 def test_the_queue_handler_s_loss_is_loss_fn_and_its_methods_are_named_after_their_events():
@@ -40,6 +40,20 @@ def test_the_loss_takes_the_model_s_order_and_a_call_in_the_old_positional_order
     assert torch.equal(by_keyword, in_order)
     with pytest.raises(TypeError, match=r"SwAVLoss takes \(embeddings, scores, prototypes\) since 1.0"):
         SwAVLoss()(scores, embeddings, prototypes)
+
+
+def test_0_2_s_queue_attributes_of_the_loss_still_work_with_a_warning():
+    prototypes = F.normalize(torch.randn(10, 4), dim=1)
+    embeddings = [F.normalize(torch.randn(4, 4), dim=1) for _ in range(2)]
+    loss_fn = SwAVLoss()
+    rows = F.normalize(torch.randn(2, 8, 4), dim=2)
+    with pytest.warns(DeprecationWarning, match=r"assigning a tensor to SwAVLoss.queue is now SwAVLoss\(queue="):
+        loss_fn.queue = rows  # 0.2: the queue's rows, given to the loss
+    assert isinstance(loss_fn.queue, SwAVQueue) and loss_fn.queue.rows is rows and loss_fn.queue.length == 8
+    loss_fn(embeddings, [z @ prototypes.t() for z in embeddings], prototypes)
+    with pytest.warns(DeprecationWarning, match="SwAVLoss.use_queue is now SwAVLoss.queue_in_use"):
+        assert loss_fn.use_queue is True
+    assert torch.equal(loss_fn.queue.rows[:, :4], torch.stack(embeddings))
 
 
 def test_the_names_deprecated_in_0_2_are_gone():

@@ -102,7 +102,7 @@ def _make_run(rank: int, epoch_queue_starts: int, dirname=None):
     def step(engine, batch):
         crops = [F.normalize(torch.randn(4, FEAT_DIM, generator=g), dim=1) for _ in range(3)]
         loss = loss_fn(scores=[z @ prototypes.t() for z in crops], embeddings=crops, prototypes=prototypes)
-        return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+        return {"loss": loss.item(), "use_queue": loss_fn.queue_in_use}
 
     trainer = Engine(step)
     handler.attach(trainer)
@@ -118,12 +118,12 @@ def _save_worker(rank: int, tmp: str) -> None:
     trainer.run(range(3), max_epochs=4)
     # 18 trimmed to a multiple of the global batch 8: 16 rows in all, 8 per rank (and 16 on 1 process)
     assert handler.queue_length == 16
-    assert handler.queue.shape == (2, 8, FEAT_DIM)
+    assert handler.queue.rows.shape == (2, 8, FEAT_DIM)
     # created at epoch 2; full after 2 steps of 4 rows; used from then on in that epoch
     assert [u["use_queue"] for e, u in used if e == 1] == [False] * 3
     assert [u["use_queue"] for e, u in used if e == 2] == [False, False, True]
     assert all(u["use_queue"] for e, u in used if e > 2)
-    torch.save(handler.queue.clone(), Path(tmp) / f"rank{rank}.pt")
+    torch.save(handler.queue.rows.clone(), Path(tmp) / f"rank{rank}.pt")
 
 
 def _load_worker(rank: int, tmp: str) -> None:
@@ -131,7 +131,7 @@ def _load_worker(rank: int, tmp: str) -> None:
     Checkpoint.load_objects({"trainer": trainer, "queue_handler": handler}, Path(tmp) / "one_process.pt")
     saved = torch.load(Path(tmp) / "one_process.pt", weights_only=True)["queue_handler"]["queue"]
     # rank r gets global rows r, r + 2, r + 4, ...: every row on exactly one rank
-    assert torch.equal(handler.queue, saved[:, rank::WORLD])
+    assert torch.equal(handler.queue.rows, saved[:, rank::WORLD])
     trainer.run(range(3), max_epochs=trainer.state.epoch + 1)
     assert used and all(u["use_queue"] for _, u in used), "a full restored queue is used at once"
 
@@ -144,12 +144,12 @@ def test_queue_per_rank_shape_save_on_two_and_resume_on_one_and_back(tmp_path: P
     trainer, handler, used = _make_run(0, epoch_queue_starts=1)
     checkpoint = tmp_path / "checkpoint_12.pt"
     Checkpoint.load_objects({"trainer": trainer, "queue_handler": handler}, checkpoint)
-    assert handler.queue.shape == (2, 16, FEAT_DIM)
+    assert handler.queue.rows.shape == (2, 16, FEAT_DIM)
     for r in range(WORLD):
-        assert torch.equal(handler.queue[:, r::WORLD], ranks[r])
+        assert torch.equal(handler.queue.rows[:, r::WORLD], ranks[r])
     # the handler's own file holds the same rows
     own = torch.load(tmp_path / "queue_files" / "swav_queue_12.pt", weights_only=True)
-    assert torch.equal(own["queue"], handler.queue)
+    assert torch.equal(own["queue"], handler.queue.rows)
     trainer.run(range(3), max_epochs=5)
     assert all(u["use_queue"] for _, u in used)
 
@@ -242,7 +242,7 @@ def _checkpoint_on_rank_zero_only_worker(rank: int, dirname: str) -> None:
         saver = Checkpoint({"queue": handler}, DiskSaver(dirname, require_empty=False), n_saved=None)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
     trainer.run(range(3), max_epochs=3)
-    local = handler.queue.clone()
+    local = handler.queue.rows.clone()
     every_rank = idist.all_gather(local.unsqueeze(0))
     if rank == 0:
         saved = torch.load(Path(dirname) / "queue_9.pt", weights_only=True)["queue"]

@@ -40,6 +40,15 @@ def test_every_python_block_of_the_guides_with_code_runs_as_written(guide, least
         exec(compile(block, guide, "exec"), namespace)  # noqa: S102 - the guide's own code
 
 
+def test_the_queue_guide_s_loop_of_one_s_own_runs_as_written(tmp_path: Path, monkeypatch, capsys):
+    # the guide's other blocks continue the README's run (model, optimizer, a checkpoint file); this one stands alone
+    (block,) = [b for b in python_blocks(ROOT / "docs" / "queue-and-checkpoints.md") if "SwAVQueue(" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "queue-and-checkpoints.md", "exec"), {"__name__": "guide"})  # noqa: S102 - the guide's code
+    assert capsys.readouterr().out.strip() == "torch.Size([2, 64, 16]) True"
+    assert (tmp_path / "queue.pt").exists()
+
+
 def test_the_api_reference_lists_every_public_name():
     import ignite_swav
 

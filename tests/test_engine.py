@@ -63,7 +63,7 @@ def test_a_run_with_queue_and_checkpoint_over_several_epochs(tmp_path: Path):
     # resume from the checkpoint into other objects: the queue is back and used at once
     trainer2, to_load = trainer_with_queue(seed=1)
     Checkpoint.load_objects(to_load, tmp_path / "checkpoint_12.pt")
-    assert torch.equal(to_load["queue_handler"].queue, to_save["queue_handler"].queue)
+    assert torch.equal(to_load["queue_handler"].queue.rows, to_save["queue_handler"].queue.rows)
     for a, b in zip(to_save["model"].parameters(), to_load["model"].parameters()):
         assert torch.equal(a, b)
     resumed = []
@@ -287,7 +287,7 @@ def test_ignites_own_prepare_batch_and_output_tools_work_with_the_defaults(tmp_p
     state = Checkpoint.load_objects  # the saved file holds the queue and loads back
     restored = SwAVQueueHandler(SwAVLoss(), queue_length=8, epoch_queue_starts=1)
     state({"queue_handler": restored}, torch.load(tmp_path / saved[-1], weights_only=True))
-    assert restored.queue is not None and restored.queue.shape == (2, 8, 8)
+    assert restored.queue.rows is not None and restored.queue.rows.shape == (2, 8, 8)
 
 
 def test_any_module_with_prototypes_trains_through_model_fn_and_wrappers():
@@ -448,7 +448,7 @@ def test_a_deterministic_run_resumes_exactly_whatever_the_resumed_process_drew_b
     Checkpoint.load_objects(to_load, str(tmp_path / "checkpoint_12.pt"))
     resumed.run(shuffled_loader(), max_epochs=4)
     assert resumed_losses == losses[12:]  # bit-equal, not approximately
-    assert torch.equal(to_load["queue_handler"].queue, to_save["queue_handler"].queue)
+    assert torch.equal(to_load["queue_handler"].queue.rows, to_save["queue_handler"].queue.rows)
     for a, b in zip(to_save["model"].parameters(), to_load["model"].parameters()):
         assert torch.equal(a, b)
 
@@ -480,6 +480,6 @@ def test_the_library_trains_exactly_as_the_reference_training_loop():
 
     assert in_use == [False] * 6 + [True] * 10  # the queue fills in epoch 2 and is used from its 3rd batch
     assert losses == pytest.approx(ref_losses, rel=1e-5)
-    assert torch.allclose(handler.queue, ref_queue, atol=1e-5)
+    assert torch.allclose(handler.queue.rows, ref_queue, atol=1e-5)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=2e-5), name  # float32 rounding of 16 SGD steps

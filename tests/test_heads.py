@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_crops, tiny_swav_model
+from helpers import queue_of, random_crops, tiny_swav_model
 from ignite.engine import Events
 
 from ignite_swav import SwAVHealthMonitor, SwAVLoss, SwAVModel, SwAVPrototypes, create_swav_trainer
@@ -28,13 +28,13 @@ def test_the_loss_of_several_heads_is_the_mean_of_each_head_alone_with_and_witho
     )
     for with_queue in (False, True):
         together = SwAVLoss()
-        together.queue, together.use_queue = (queue.clone(), True) if with_queue else (None, False)
+        together.queue = queue_of(queue.clone()) if with_queue else None
         scores = [z @ prototypes.reshape(-1, DIM).t() for z in embeddings]  # (B, H * K): head after head
         loss = together(scores=scores, embeddings=embeddings, prototypes=prototypes)
         alone, codes = [], []
         for head in range(HEADS):
             single = SwAVLoss()
-            single.queue, single.use_queue = (queue.clone(), True) if with_queue else (None, False)
+            single.queue = queue_of(queue.clone()) if with_queue else None
             head_scores = [z @ prototypes[head].t() for z in embeddings]
             alone.append(single(scores=head_scores, embeddings=embeddings, prototypes=prototypes[head]))
             codes.append(single.last_step.codes)
@@ -45,7 +45,7 @@ def test_the_loss_of_several_heads_is_the_mean_of_each_head_alone_with_and_witho
             for head in range(HEADS):
                 torch.testing.assert_close(step.codes[crop * HEADS + head], codes[head][crop])
         if with_queue:  # pushed once, not once per head
-            torch.testing.assert_close(together.queue[:, :BATCH], torch.stack(embeddings[:2]))
+            torch.testing.assert_close(together.queue.rows[:, :BATCH], torch.stack(embeddings[:2]))
 
 
 def test_the_health_figures_count_every_head_s_prototypes_apart():

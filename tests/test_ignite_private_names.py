@@ -27,6 +27,7 @@ EXPECTED = {
     "KNNAccuracy._state_dict_all_req_keys": "Serializable's required keys",
     "OnlineLinearProbe._state_dict_all_req_keys": "Serializable's required keys",
     "SwAVHealthMonitor._state_dict_all_req_keys": "Serializable's required keys",
+    "SwAVQueue._state_dict_all_req_keys": "Serializable's required keys",
     "SwAVQueueHandler._state_dict_all_req_keys": "Serializable's required keys",
     "SwAVQueueGuard._state_dict_all_req_keys": "Serializable's required keys",
     "Engine._dataloader_iter": "queue_guard.py: after going back, the next epoch starts a new pass over the data",

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import queue_of
 from reference import classic_swav_loss
 
 from ignite_swav import SwAVLoss
@@ -51,36 +52,36 @@ def test_matches_the_papers_double_loop(crops_for_assign, num_crops):
 def test_queue_is_filled_newest_first_and_used_only_once_full():
     prototypes = unit_prototypes()
     loss_fn = SwAVLoss(crops_for_assign=(0, 1))
-    loss_fn.queue = torch.zeros(2, 8, 8)  # room for two batches of 4
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))  # room for two batches of 4
     pushed = []
     for step in range(3):
         scores, embeddings = make_crops(3, 4, 8, prototypes, seed=step)
-        queue_before = loss_fn.queue.clone()
+        queue_before = loss_fn.queue.rows.clone()
         loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
         if step < 2:
             # not full before this step: plain SwAV, the queue is not used
-            assert not loss_fn.use_queue
+            assert not loss_fn.queue_in_use
             expected = classic_swav_loss(scores, (0, 1))
         else:
-            assert loss_fn.use_queue
+            assert loss_fn.queue_in_use
             # the queue as it was before this step (read before write), scored under the current prototypes
             expected = classic_swav_loss(scores, (0, 1), queue_scores=[q @ prototypes.t() for q in queue_before])
         assert math.isclose(float(loss), float(expected), rel_tol=1e-5)
         pushed.append(embeddings)
         # newest rows first: this batch's embeddings of the assigned crops sit on top
         for slot, crop in enumerate((0, 1)):
-            assert torch.equal(loss_fn.queue[slot, :4], embeddings[crop])
-            assert torch.equal(loss_fn.queue[slot, 4:], pushed[-2][crop] if step else torch.zeros(4, 8))
+            assert torch.equal(loss_fn.queue.rows[slot, :4], embeddings[crop])
+            assert torch.equal(loss_fn.queue.rows[slot, 4:], pushed[-2][crop] if step else torch.zeros(4, 8))
 
 
 def test_queue_changes_the_codes_once_used():
     prototypes = unit_prototypes()
     scores, embeddings = make_crops(2, 4, 8, prototypes)
     loss_fn = SwAVLoss()
-    loss_fn.queue = F.normalize(torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5)), dim=2)
+    loss_fn.queue = queue_of(F.normalize(torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(5)), dim=2))
     with_queue = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
     without = SwAVLoss()(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert loss_fn.use_queue
+    assert loss_fn.queue_in_use
     assert not math.isclose(float(with_queue), float(without), rel_tol=1e-4)
 
 
@@ -88,9 +89,9 @@ def test_queue_shorter_than_the_batch_keeps_the_first_rows():
     prototypes = unit_prototypes()
     scores, embeddings = make_crops(2, 6, 8, prototypes)
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 4, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 4, 8))
     loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue[0], embeddings[0][:4])
+    assert torch.equal(loss_fn.queue.rows[0], embeddings[0][:4])
 
 
 def test_bfloat16_scores_under_autocast_give_a_float32_loss():
@@ -109,10 +110,10 @@ def test_non_finite_scores_name_the_crop_and_leave_the_queue_unchanged():
     scores[2] = scores[2].clone()
     scores[2][1, 3] = float("nan")
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in scores\[2\]"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
     scores[2][1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"scores\[2\]"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
@@ -124,10 +125,10 @@ def test_non_finite_embeddings_are_never_pushed():
     embeddings[1] = embeddings[1].clone()
     embeddings[1][0, 0] = float("inf")
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"embeddings\[1\]"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_an_assigned_crop_the_loss_is_not_given_is_named():
 def test_a_queue_of_the_wrong_shape_is_refused():
     scores, embeddings, prototypes = _inputs()
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 16)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 16))
     with pytest.raises(ValueError, match=r"queue has shape \(2, 8, 16\), expected \(2, length, 8\)"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
 
@@ -192,10 +193,10 @@ def test_scores_beyond_the_cosine_range_are_refused_and_never_pushed():
     scores, embeddings = make_crops(2, 4, 8, prototypes)
     huge = [s * 3e37 for s in scores]  # finite, but not cosine similarities (and scores / temperature overflow)
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"scores\[0\] reach 2.2\de\+37 in magnitude, beyond the cosine range"):
         loss_fn(scores=huge, embeddings=embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
 
 
 def test_embeddings_that_are_not_unit_vectors_are_refused_and_never_pushed():
@@ -204,10 +205,10 @@ def test_embeddings_that_are_not_unit_vectors_are_refused_and_never_pushed():
     scores, embeddings = make_crops(3, 4, 8, prototypes)
     embeddings = [z * 74 for z in embeddings]
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"embeddings\[0\] are not unit vectors \(norms from 74 to 74\).*F.normalize"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
 
 
 def test_prototypes_that_are_not_unit_rows_are_refused_once_they_score_the_queue():
@@ -215,10 +216,10 @@ def test_prototypes_that_are_not_unit_rows_are_refused_once_they_score_the_queue
     scores, embeddings = make_crops(2, 4, 8, prototypes)
     loss_fn = SwAVLoss()
     queue = F.normalize(torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(3)), dim=2)
-    loss_fn.queue = queue.clone()
+    loss_fn.queue = queue_of(queue.clone())
     with pytest.raises(ValueError, match=r"the prototypes are not unit rows \(norms from 3 to 3\) while they score"):
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes * 3)
-    assert torch.equal(loss_fn.queue, queue)
+    assert torch.equal(loss_fn.queue.rows, queue)
     # without a queue, the prototypes are not used by the loss and not checked
     SwAVLoss()(scores=scores, embeddings=embeddings, prototypes=prototypes * 3)
 
@@ -244,9 +245,9 @@ def test_a_deferred_check_raises_later_and_the_queue_is_never_written():
     embeddings[0] = embeddings[0].clone()
     embeddings[0][2, 1] = float("nan")
     loss_fn = SwAVLoss()
-    loss_fn.queue = torch.zeros(2, 8, 8)
+    loss_fn.queue = queue_of(torch.zeros(2, 8, 8))
     loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
-    assert loss.ndim == 0 and torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert loss.ndim == 0 and torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
     with pytest.raises(ValueError, match=r"embeddings\[0\]"):
         loss_fn.raise_if_non_finite()
     loss_fn.raise_if_non_finite()  # reported once
@@ -256,27 +257,28 @@ def test_a_deferred_check_raises_later_and_the_queue_is_never_written():
     finite_scores, finite_embeddings = make_crops(2, 4, 8, prototypes)
     with pytest.raises(ValueError, match=r"embeddings\[0\]"):
         loss_fn(scores=finite_scores, embeddings=finite_embeddings, prototypes=prototypes)
-    assert torch.equal(loss_fn.queue, torch.zeros(2, 8, 8))
+    assert torch.equal(loss_fn.queue.rows, torch.zeros(2, 8, 8))
     loss_fn(scores=finite_scores, embeddings=finite_embeddings, prototypes=prototypes, check_finite=False)
     loss_fn.raise_if_non_finite()
-    assert torch.equal(loss_fn.queue[0, :4], finite_embeddings[0])
+    assert torch.equal(loss_fn.queue.rows[0, :4], finite_embeddings[0])
 
 
-def test_a_refused_step_on_a_full_queue_leaves_it_counted_full():
+def test_a_refused_step_on_a_full_queue_leaves_it_in_use():
     prototypes = unit_prototypes()
     loss_fn = SwAVLoss()
     full = F.normalize(torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(4)), dim=2)
-    loss_fn.queue = full.clone()
+    loss_fn.queue = queue_of(full.clone())
     scores, embeddings = make_crops(2, 4, 8, prototypes)
     loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert loss_fn.use_queue
+    assert loss_fn.queue_in_use
+    before = loss_fn.queue.rows.clone()
     bad = [embeddings[0].clone(), embeddings[1]]
     bad[0][0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         loss_fn(scores=scores, embeddings=bad, prototypes=prototypes)
-    loss_fn.use_queue = False  # a new epoch: the fill level comes from the host's count, which must still be full
+    assert loss_fn.queue_in_use and torch.equal(loss_fn.queue.rows, before)
     loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-    assert loss_fn.use_queue
+    assert loss_fn.queue_in_use
 
 
 def test_a_queue_filled_in_place_is_read_once_when_assigned():
@@ -287,10 +289,10 @@ def test_a_queue_filled_in_place_is_read_once_when_assigned():
     loss_fn = SwAVLoss()
     half = torch.zeros(2, 8, 8)
     half[:, :4] = F.normalize(torch.randn(2, 4, 8), dim=2)  # 4 rows written: 4 to go
-    loss_fn.queue = half
+    loss_fn.queue = queue_of(half)
     with DispatchCounter() as first:
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
-    assert first.synchronisations == 1 and not loss_fn.use_queue  # the fill level, read once
+    assert first.synchronisations == 1 and not loss_fn.queue_in_use  # the fill level, read once
     with DispatchCounter() as second:
         loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
-    assert second.synchronisations == 1 and loss_fn.use_queue  # the pending check of the first call only
+    assert second.synchronisations == 1 and loss_fn.queue_in_use  # the pending check of the first call only

@@ -178,7 +178,7 @@ def _stop_worker(rank: int, out: str) -> None:
     trainer.run(crops_of(rank, 4), max_epochs=5)
     results["stopped_at"] = trainer.state.iteration
     results["first_use"] = first_use
-    stopped_queue = handler.queue.clone()
+    stopped_queue = handler.queue.rows.clone()
 
     scenario("resume of the stop")
     # the resume, into new objects, from the file rank 0 wrote: the queue of the stop back on its rank
@@ -187,7 +187,7 @@ def _stop_worker(rank: int, out: str) -> None:
     to_load = {"model": model.module, "optimizer": optimizer, "trainer": trainer, "queue_handler": handler}
     (saved,) = sorted(Path(out).glob("stopped_*.pt"))
     load_objects(to_load, saved)
-    results["queue_restored"] = torch.equal(handler.queue, stopped_queue)
+    results["queue_restored"] = torch.equal(handler.queue.rows, stopped_queue)
     trainer.run(crops_of(rank, 4), max_epochs=3)
     results["resumed_to"] = trainer.state.iteration
 
@@ -199,7 +199,7 @@ def _stop_worker(rank: int, out: str) -> None:
         saver = DiskSaver(Path(out) / "max_iters", require_empty=False)
         trainer.add_event_handler(Events.COMPLETED, Checkpoint(to_save, saver, filename_prefix="completed"))
     trainer.run(crops_of(rank, 4), max_iters=7)
-    full = idist.all_gather(handler.queue.unsqueeze(0))
+    full = idist.all_gather(handler.queue.rows.unsqueeze(0))
     if rank == 0:
         (saved,) = (Path(out) / "max_iters").glob("completed_*.pt")
         queue = torch.load(saved, weights_only=True)["queue_handler"]["queue"]
@@ -239,7 +239,7 @@ def _reshard_resume_worker(rank: int, out: str) -> None:
     trainer.add_event_handler(SwAVEvents.QUEUE_FIRST_USED, lambda e: uses.append(e.state.iteration))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.queue_in_use))
     trainer.run([[c[:2] for c in crops] for crops in crops_of(rank, 4)], max_epochs=3)
-    record(out, {"first_use": uses, "used": used, "local_rows": handler.queue.shape[1]})
+    record(out, {"first_use": uses, "used": used, "local_rows": handler.queue.rows.shape[1]})
 
 
 @pytest.mark.soak

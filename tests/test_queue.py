@@ -24,7 +24,7 @@ def make_step(loss_fn: SwAVLoss, batch_size: int, num_crops: int = 3, seed: int 
         embeddings = [F.normalize(torch.randn(batch_size, feat_dim, generator=g), dim=1) for _ in range(num_crops)]
         scores = [z @ prototypes.t() for z in embeddings]
         loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes)
-        return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+        return {"loss": loss.item(), "use_queue": loss_fn.queue_in_use}
 
     return step
 
@@ -65,14 +65,14 @@ def test_queue_is_created_after_epoch_queue_starts_epochs_and_never_recreated():
 
     @trainer.on(Events.EPOCH_STARTED)
     def record(engine):
-        seen[engine.state.epoch] = handler.queue
+        seen[engine.state.epoch] = handler.queue.rows
 
     trainer.run(range(3), max_epochs=4)
     assert seen[1] is None and seen[2] is None  # two epochs without a queue
     queue = seen[3]
     assert queue is not None and queue.shape == (2, 8, FEAT_DIM) and queue.dtype == torch.float32
     assert seen[4] is queue  # kept, not re-created
-    assert loss_fn.queue is queue
+    assert loss_fn.queue.rows is queue
     assert queue.abs().sum() > 0  # filled during epochs 3 and 4
 
 
@@ -85,13 +85,14 @@ def test_epoch_queue_starts_zero_creates_the_queue_before_the_first_epoch():
     assert out == [False, False, False, False, True, True]
 
 
-def test_use_queue_is_reset_at_every_epoch_start():
+def test_a_full_queue_stays_in_use_from_one_epoch_to_the_next():
     trainer, handler, loss_fn = make_trainer(epoch_queue_starts=0)
     flags = []
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: flags.append(loss_fn.use_queue))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: flags.append(loss_fn.queue_in_use))
     trainer.run(range(6), max_epochs=3)
-    assert flags == [False, False, False]
-    assert loss_fn.use_queue  # switched on again in the epoch, the queue being full
+    # 16 rows, batches of 4: full after 4 steps of the first epoch, then in use (the reference resets its flag at
+    # every epoch and sets it again at the first step, the queue being full: the same steps use the queue)
+    assert flags == [False, True, True] and loss_fn.queue_in_use
 
 
 def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue(caplog):
@@ -99,7 +100,7 @@ def test_a_queue_length_smaller_than_the_global_batch_warns_and_uses_no_queue(ca
     with caplog.at_level(logging.WARNING):
         trainer.run(range(2), max_epochs=2)
     assert "queue_length=3 is used as 0" in caplog.text and "no queue will be used" in caplog.text
-    assert handler.queue is None and loss_fn.queue is None
+    assert handler.queue.rows is None and loss_fn.queue.rows is None
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,7 @@ def test_state_dict_round_trip_through_a_weights_only_file(tmp_path: Path):
 
     _, restored, loss_fn = make_trainer(epoch_queue_starts=0)
     Checkpoint.load_objects({"queue_handler": restored}, tmp_path / "c.pt")  # weights_only=True inside
-    assert torch.equal(restored.queue, handler.queue)
+    assert torch.equal(restored.queue.rows, handler.queue.rows)
     assert loss_fn.queue is restored.queue
 
 
@@ -148,13 +149,13 @@ def test_a_resumed_run_keeps_the_restored_queue(tmp_path: Path):
         Events.EPOCH_COMPLETED, Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
     )
     trainer.run(range(5), max_epochs=3)
-    saved_queue = handler.queue.clone()
+    saved_queue = handler.queue.rows.clone()
 
     resumed, restored, loss_fn = make_trainer(epoch_queue_starts=1)
     used = []
     resumed.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.queue_in_use))
     seen_at_start = []
-    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_at_start.append(restored.queue.clone()))
+    resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: seen_at_start.append(restored.queue.rows.clone()))
     Checkpoint.load_objects({"trainer": resumed, "queue_handler": restored}, tmp_path / "checkpoint_15.pt")
     resumed.run(range(5), max_epochs=4)
     assert torch.equal(seen_at_start[0], saved_queue)  # STARTED and EPOCH_STARTED did not wipe it
@@ -166,10 +167,10 @@ def test_load_refuses_another_feat_dim_or_crop_count():
     trainer.run(range(2), max_epochs=1)
     state = handler.state_dict()
     other = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=16)
-    with pytest.raises(ValueError, match="embeddings of width 8, but this handler has feat_dim=16"):
+    with pytest.raises(ValueError, match="embeddings of width 8, but this queue has feat_dim=16"):
         other.load_state_dict(state)
     three = SwAVQueueHandler(SwAVLoss((0, 1, 2)), batch_size=4, feat_dim=FEAT_DIM)
-    with pytest.raises(ValueError, match=r"2 crop slot\(s\), but this handler assigns 3 crops"):
+    with pytest.raises(ValueError, match=r"2 crop slot\(s\), but this queue has num_crops=3"):
         three.load_state_dict(state)
 
 
@@ -194,11 +195,11 @@ def test_load_keeps_the_newest_rows_when_the_length_changes():
     queue = F.normalize(torch.randn(2, 16, FEAT_DIM), dim=2)
     shorter = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=8)
     shorter.load_state_dict({"queue": queue})
-    assert torch.equal(shorter.queue, queue[:, :8])
+    assert torch.equal(shorter.queue.rows, queue[:, :8])
     longer = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=FEAT_DIM, queue_length=24)
     longer.load_state_dict({"queue": queue})
-    assert torch.equal(longer.queue[:, :16], queue)
-    assert torch.equal(longer.queue[:, 16:], torch.zeros(2, 8, FEAT_DIM))  # not full: refilled before use
+    assert torch.equal(longer.queue.rows[:, :16], queue)
+    assert torch.equal(longer.queue.rows[:, 16:], torch.zeros(2, 8, FEAT_DIM))  # not full: refilled before use
 
 
 def test_dirname_saves_on_its_event_filter_and_a_resumed_run_loads_the_matching_file(tmp_path: Path):
@@ -209,12 +210,12 @@ def test_dirname_saves_on_its_event_filter_and_a_resumed_run_loads_the_matching_
     # every 2 epochs of 3 iterations; the last 2 files are kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swav_queue_12.pt", "swav_queue_18.pt"]
     stored = load_checkpoint_file(tmp_path / "swav_queue_18.pt")
-    assert torch.equal(stored["queue"], handler.queue)
+    assert torch.equal(stored["queue"], handler.queue.rows)
 
     resumed, restored, _ = make_trainer(epoch_queue_starts=0, dirname=tmp_path)
     resumed.state.iteration, resumed.state.epoch = 18, 6  # as Checkpoint.load_objects(trainer) would set
     resumed.run(range(3), max_epochs=7)
-    assert restored.queue is not None
+    assert restored.queue.rows is not None
 
 
 def test_dirname_queue_from_another_moment_is_not_loaded(tmp_path: Path, caplog):
@@ -224,7 +225,7 @@ def test_dirname_queue_from_another_moment_is_not_loaded(tmp_path: Path, caplog)
     with caplog.at_level(logging.WARNING):
         fresh.run(range(3), max_epochs=1)
     assert "engine starts at iteration 0" in caplog.text
-    assert restored.queue is None
+    assert restored.queue.rows is None
 
 
 def _write_queue_file(tmp_path: Path, payload: bytes) -> None:
@@ -292,7 +293,7 @@ def test_a_handler_without_feat_dim_and_batch_size_takes_them_from_the_first_bat
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e, u=used: u.append(e.state.queue_in_use))
         trainer.run(range(5), max_epochs=2)
         assert (handler.batch_size, handler.feat_dim, handler.queue_length) == (4, FEAT_DIM, 16)
-        assert handler.queue.shape == (2, 16, FEAT_DIM) and loss_fn.queue is handler.queue
+        assert handler.queue.rows.shape == (2, 16, FEAT_DIM) and loss_fn.queue is handler.queue
         # the queue holds 16 rows: full after 4 pushes of 4, used from the 5th batch that reaches it
         assert used == ([False] * 4 + [True] * 6 if epoch_queue_starts == 0 else [False] * 9 + [True])
         assert handler.state_dict()["feat_dim"] == FEAT_DIM
@@ -303,7 +304,7 @@ def test_a_wrong_feat_dim_or_batch_size_is_reported_in_the_first_iteration():
     handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=15, feat_dim=128)
     trainer = Engine(make_step(loss_fn, batch_size=4))
     handler.attach(trainer)
-    with pytest.raises(ValueError, match=r"SwAVQueueHandler\(feat_dim=128\), but the loss gets embeddings of width 8"):
+    with pytest.raises(ValueError, match=r"the queue has feat_dim=128, but the loss gets embeddings of width 8"):
         trainer.run(range(5), max_epochs=20)
     assert trainer.state.iteration == 1
 
@@ -311,7 +312,7 @@ def test_a_wrong_feat_dim_or_batch_size_is_reported_in_the_first_iteration():
     handler = SwAVQueueHandler(loss_fn, queue_length=16, batch_size=64)
     trainer = Engine(make_step(loss_fn, batch_size=4))
     handler.attach(trainer)
-    with pytest.raises(ValueError, match=r"SwAVQueueHandler\(batch_size=64\), but the first batch of the run holds 4"):
+    with pytest.raises(ValueError, match=r"the queue has batch_size=64, but the first batch of the run holds 4"):
         trainer.run(range(5), max_epochs=2)
     assert trainer.state.iteration == 1
 
@@ -335,7 +336,7 @@ def test_the_handler_is_an_ignite_serializable_and_never_aliases_a_loaded_state(
     before = queue.clone()
     trainer.run(range(3), max_epochs=1)
     assert torch.equal(state["queue"], before)  # training wrote into the handler's own copy
-    assert not torch.equal(handler.queue, before)
+    assert not torch.equal(handler.queue.rows, before)
 
 
 def test_a_queue_too_long_to_allocate_is_the_librarys_error_not_the_allocators():
@@ -352,9 +353,9 @@ def test_state_dict_after_an_ungathered_iteration_on_several_processes_fails_fas
 
     loss_fn = SwAVLoss()
     handler = SwAVQueueHandler(loss_fn, queue_length=16, epoch_queue_starts=0, batch_size=4, feat_dim=16)
-    handler.queue = torch.zeros(2, 8, 16)
+    handler.queue.rows = torch.zeros(2, 8, 16)
     monkeypatch.setattr(idist, "get_world_size", lambda: 2)
-    with pytest.raises(RuntimeError, match="after an iteration that followed its last gather.*gather_event="):
+    with pytest.raises(RuntimeError, match=r"after its rows changed \(a step\) since its last gather.*gather_event="):
         handler.state_dict()
     with pytest.raises(TypeError, match="gather_event must be an Ignite event"):
         SwAVQueueHandler(SwAVLoss(), queue_length=8, gather_event="epoch")

@@ -52,7 +52,7 @@ def build(queue_length=8, epoch_queue_starts=1, guard=True, alarms_at=(), **guar
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def blame_the_queue(engine: Engine) -> None:
-        if engine.state.epoch in alarms_at and queue_handler.queue is not None and not guard_fired(engine):
+        if engine.state.epoch in alarms_at and queue_handler.queue.rows is not None and not guard_fired(engine):
             engine.state.collapse_report = CollapseReport(engine.state.epoch, "queue", "forced", True, ())
             engine.fire_event(SwAVEvents.COLLAPSE_SUSPECTED)
 
@@ -126,7 +126,7 @@ def test_after_max_retreats_the_run_goes_back_once_more_and_trains_without_a_que
         trainer.run(loader(), max_epochs=8)
     lengths = [(r.at_epoch, r.back_to_epoch, r.queue_length) for r in guard.retreats]
     assert lengths == [(2, 1, 8), (4, 2, 4), (5, 3, 0)]
-    assert objects["queue_handler"].queue is None and not objects["health"].history[-1]["queue_used"]
+    assert objects["queue_handler"].queue.rows is None and not objects["health"].history[-1]["queue_used"]
     assert "without a queue" in caplog.records[-1].getMessage()
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import queue_of
 from reference import classic_sinkhorn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -232,11 +233,11 @@ def test_the_loss_computes_no_float64_at_any_epsilon_from_0_01(epsilon):
     prototypes = F.normalize(torch.randn(30, 8, generator=g), dim=1)
     embeddings = [F.normalize(torch.randn(16, 8, generator=g), dim=1).requires_grad_() for _ in range(4)]
     loss_fn = SwAVLoss(epsilon=epsilon)
-    loss_fn.queue = F.normalize(torch.randn(2, 32, 8, generator=g), dim=2)
+    loss_fn.queue = queue_of(F.normalize(torch.randn(2, 32, 8, generator=g), dim=2))
     with DtypeRecorder() as recorded:
         loss = loss_fn(scores=[z @ prototypes.t() for z in embeddings], embeddings=embeddings, prototypes=prototypes)
         loss.backward()
-    assert loss_fn.use_queue
+    assert loss_fn.queue_in_use
     assert torch.float32 in recorded.dtypes and torch.float64 not in recorded.dtypes, recorded.dtypes
 
 

@@ -5,7 +5,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DispatchCounter, random_crops, tiny_swav_model
+from helpers import DispatchCounter, queue_of, random_crops, tiny_swav_model
 from ignite.engine import Events
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, create_swav_trainer
@@ -36,14 +36,14 @@ def accelerator_path(monkeypatch):
 def test_one_loss_call_dispatches_at_most_100_operations_and_never_waits_for_the_device(with_queue, accelerator_path):
     prototypes, embeddings, queue = reference_case()
     loss_fn = SwAVLoss()
-    loss_fn.queue = queue if with_queue else None
+    loss_fn.queue = queue_of(queue) if with_queue else None
     loss_fn(scores=[z @ prototypes.t() for z in embeddings], embeddings=embeddings, prototypes=prototypes)  # warm
     scores = [z @ prototypes.t() for z in embeddings]
     with DispatchCounter() as forward:
         loss = loss_fn(scores=scores, embeddings=embeddings, prototypes=prototypes, check_finite=False)
     with DispatchCounter() as backward:
         loss.backward()
-    assert loss_fn.use_queue is with_queue
+    assert loss_fn.queue_in_use is with_queue
     assert forward.synchronisations == 0, forward.operations
     assert forward.total <= MAX_LOSS_OPERATIONS, forward.operations
     assert backward.total <= 60, backward.operations  # 79 before the crops were batched
@@ -60,7 +60,7 @@ def test_the_cpus_one_crop_at_a_time_path_gives_the_same_loss_and_gradients_and_
         monkeypatch.setattr(ignite_swav.loss, "_one_crop_at_a_time", lambda crop_scores, value=one_at_a_time: value)
         prototypes, embeddings, queue = reference_case()
         loss_fn = SwAVLoss()
-        loss_fn.queue = queue
+        loss_fn.queue = queue_of(queue)
         loss_fn(scores=[z @ prototypes.t() for z in embeddings], embeddings=embeddings, prototypes=prototypes)  # warm
         scores = [z @ prototypes.t() for z in embeddings]
         with DispatchCounter() as forward:
@@ -93,7 +93,7 @@ def _count_steps(epochs: int = 3) -> list[tuple[int, bool, int]]:
     @trainer.on(Events.ITERATION_COMPLETED)
     def stop(engine):
         counter["mode"].__exit__(None, None, None)
-        counted.append((engine.state.iteration, loss_fn.use_queue, counter["mode"].synchronisations))
+        counted.append((engine.state.iteration, loss_fn.queue_in_use, counter["mode"].synchronisations))
 
     batches = [random_crops(4, sizes=(16, 16, 8, 8), seed=i + 10 * idist.get_rank()) for i in range(4)]
     trainer.run(batches, max_epochs=epochs)

@@ -46,7 +46,7 @@ def trainer_of(kind: str = "fused", queue: bool = True, unused_parameter: bool =
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, handler: SwAVQueueHandler) -> dict:
     return copy.deepcopy(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict()["state"], "queue": handler.queue}
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict()["state"], "queue": handler.queue.rows}
     )
 
 
@@ -150,7 +150,7 @@ def synchronisations_per_step(kind: str, output_transform=None, epochs: int = 3)
         counted.append(counter["mode"].synchronisations)
 
     trainer.run(batches(4), max_epochs=epochs)
-    assert handler.loss_fn.use_queue
+    assert handler.loss_fn.queue_in_use
     return counted
 
 

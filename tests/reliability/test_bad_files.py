@@ -128,8 +128,8 @@ def test_a_missing_file_a_directory_a_fifo_or_a_link_loop_is_named(tmp_path, cap
 def test_a_refused_queue_state_leaves_the_handler_queue_as_it_was():
     loss = SwAVLoss()
     handler = SwAVQueueHandler(loss, batch_size=4, epoch_queue_starts=0, feat_dim=8, queue_length=8)
-    handler.queue = torch.nn.functional.normalize(torch.randn(2, 8, 8), dim=2)
-    kept = handler.queue.clone()
+    handler.queue.rows = torch.nn.functional.normalize(torch.randn(2, 8, 8), dim=2)
+    kept = handler.queue.rows.clone()
     bad_states = [
         {"queue": torch.zeros(2, 8, 16), "feat_dim": 16, "num_crops": 2, "queue_length": 8, "version": 1},
         {"queue": torch.zeros(3, 8, 8), "feat_dim": 8, "num_crops": 3, "queue_length": 8, "version": 1},
@@ -140,7 +140,7 @@ def test_a_refused_queue_state_leaves_the_handler_queue_as_it_was():
     for state in bad_states:
         with pytest.raises((ValueError, TypeError)):
             handler.load_state_dict(state)
-        assert torch.equal(handler.queue, kept)
+        assert torch.equal(handler.queue.rows, kept)
 
 
 def test_load_checkpoint_file_never_runs_the_code_of_a_hostile_file(tmp_path):
@@ -243,7 +243,7 @@ def test_a_queue_state_of_an_unknown_version_is_refused():
     handler = SwAVQueueHandler(SwAVLoss(), batch_size=4, feat_dim=16, queue_length=32)
     with pytest.raises(ValueError, match="format version 7; this ignite-swav reads version 1"):
         handler.load_state_dict(_queue_state(torch.zeros(2, 32, 16), version=7))
-    assert handler.queue is None
+    assert handler.queue.rows is None
 
 
 def test_an_expanded_queue_is_refused_before_its_values_are_touched(tmp_path):
@@ -260,7 +260,7 @@ def test_an_expanded_queue_is_refused_before_its_values_are_touched(tmp_path):
         load_objects({"queue_handler": handler}, path)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 50 * 2**20 and handler.queue is None
+    assert peak < 50 * 2**20 and handler.queue.rows is None
 
 
 def test_optimizer_entries_of_another_kind_are_refused_at_load():

@@ -51,8 +51,8 @@ def resume_and_check(output: Path) -> int:
     trainer.run(images(), max_epochs=epochs)
     assert trainer.state.iteration == epochs * ITERATIONS_PER_EPOCH
     assert losses and all(math.isfinite(v) for v in losses)
-    if loss_fn.queue is not None:
-        assert bool(torch.isfinite(loss_fn.queue).all())
+    if loss_fn.queue.rows is not None:
+        assert bool(torch.isfinite(loss_fn.queue.rows).all())
     return iteration
 
 

@@ -42,14 +42,14 @@ def test_a_non_finite_model_stops_training_and_the_queue_stays_finite(poison, wh
 
     @trainer.on(Events.ITERATION_STARTED(once=9))
     def inject(engine):
-        before["queue"] = loss_fn.queue.clone()
+        before["queue"] = loss_fn.queue.rows.clone()
         poison(to_save)
 
     with pytest.raises(ValueError, match=where) as error:
         trainer.run(images(), max_epochs=3)
     assert "the queue was left unchanged" in str(error.value)
     assert trainer.state.iteration == 9
-    assert torch.equal(loss_fn.queue, before["queue"]) and bool(torch.isfinite(loss_fn.queue).all())
+    assert torch.equal(loss_fn.queue.rows, before["queue"]) and bool(torch.isfinite(loss_fn.queue.rows).all())
 
 
 def test_a_temperature_that_would_overflow_the_loss_is_refused_before_training():
@@ -112,7 +112,7 @@ def test_a_failing_queue_file_write_surfaces_and_keeps_the_previous_queue_file(t
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def fill(engine):
-        handler.queue.normal_()
+        handler.queue.rows.normal_()
 
     monkeypatch.setattr(torch, "save", FailingSave(fail_on=3))
     with pytest.raises(OSError, match="No space left on device"):

@@ -36,7 +36,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_is_the_uninterrupted_run
     uninterrupted: list = []
     record(trainer, uninterrupted)
     trainer.run(images(), max_epochs=4)
-    final_queue = loss_fn.queue.clone()
+    final_queue = loss_fn.queue.rows.clone()
 
     # Interrupted after epoch 2 (the process ends), resumed in fresh objects from the checkpoint file.
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_is_the_uninterrupted_run
     trainer.run(images(), max_epochs=4)
 
     assert first_part + second_part == uninterrupted  # the same loss values, bit for bit, at every step
-    assert torch.equal(loss_fn.queue, final_queue)
+    assert torch.equal(loss_fn.queue.rows, final_queue)
 
 
 def test_resumed_mid_epoch_the_queue_is_as_saved_and_the_trainer_at_the_saved_iteration(tmp_path: Path):
@@ -63,7 +63,7 @@ def test_resumed_mid_epoch_the_queue_is_as_saved_and_the_trainer_at_the_saved_it
 
     @trainer.on(Events.ITERATION_COMPLETED(every=3))
     def keep(engine):
-        saved_queues[engine.state.iteration] = loss_fn.queue.clone() if loss_fn.queue is not None else None
+        saved_queues[engine.state.iteration] = loss_fn.queue.rows.clone() if loss_fn.queue.rows is not None else None
 
     checkpoint = Checkpoint(to_save, DiskSaver(tmp_path, require_empty=False), n_saved=None)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=3), checkpoint)
@@ -73,12 +73,12 @@ def test_resumed_mid_epoch_the_queue_is_as_saved_and_the_trainer_at_the_saved_it
         trainer, to_save, loss_fn = build()
         Checkpoint.load_objects(to_save, load_checkpoint_file(tmp_path / f"checkpoint_{iteration}.pt"))
         assert trainer.state.iteration == iteration
-        assert torch.equal(loss_fn.queue, saved_queues[iteration])
+        assert torch.equal(loss_fn.queue.rows, saved_queues[iteration])
         first = []
 
         @trainer.on(Events.ITERATION_STARTED(once=iteration + 1))
         def look(engine, first=first, loss_fn=loss_fn):
-            first.append((engine.state.iteration, loss_fn.queue.clone()))
+            first.append((engine.state.iteration, loss_fn.queue.rows.clone()))
 
         uses: list = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e, u=uses: u.append(e.state.output["use_queue"]))

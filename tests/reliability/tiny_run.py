@@ -47,7 +47,7 @@ def build(seed: int = 0, epoch_queue_starts: int = 1) -> tuple[Engine, dict[str,
     )
 
     def output(x, y, y_pred, loss):
-        return {"loss": loss.item(), "use_queue": loss_fn.use_queue}
+        return {"loss": loss.item(), "use_queue": loss_fn.queue_in_use}
 
     trainer = create_swav_trainer(
         model, optimizer, loss_fn, output_transform=output, freeze_prototypes_iters=2, augment=augment

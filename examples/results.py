@@ -68,7 +68,7 @@ def write_results(results: dict[str, Any], output_dir: Path, compare_to: str | N
         print(f"{results['signal']} at iteration {results['iteration']}: checkpoint written", flush=True)
         return
     lines = [
-        f"kNN top-1 (k-NN on held-out images), after {results['epochs']} epochs:",
+        f"kNN top-1 (k-NN on {results.get('scored_on', 'the held-out split')}), after {results['epochs']} epochs:",
         f"  SwAV pretrained       {results['knn_top1']:.4f}",
         f"  same net, random init {results['knn_top1_random_init']:.4f}",
         f"  raw pixels            {results['knn_top1_raw_pixels']:.4f}",

@@ -223,6 +223,12 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
         "that two runs can share it)",
     )
     add("--seed", type=int, default=0, help="seed of the network's initialisation, the split and the data order")
+    add(
+        "--select",
+        action="store_true",
+        help="choose settings: the k-NN probe's bank is 80%% of the training split and it scores the other 20%%; the "
+        "held-out split is not loaded (mnist5k, digits; with --no-online-probe, which trains on those labels)",
+    )
     add("--max-iters-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # for quick tests
 
 
@@ -356,6 +362,12 @@ def check_args(args: argparse.Namespace) -> None:
             "--decode-on-device is for --dataset imagefolder (files of JPEG or PNG images) with --gpu-augment (the "
             f"crops made on the device); got --dataset {args.dataset}"
             f"{'' if args.gpu_augment else ' and --no-gpu-augment'}"
+        )
+    if args.select and (args.dataset not in ("mnist5k", "digits") or args.online_probe):
+        raise ExampleError(
+            "--select splits the training split of mnist5k or digits, and the online probe would train on the labels "
+            f"of the images it scores: use it with --dataset mnist5k or digits and --no-online-probe (got --dataset "
+            f"{args.dataset}{' and the online probe' if args.online_probe else ''})"
         )
     if args.compare_to is not None:
         args.compare_to = str(reference_file(args.compare_to, args.dataset))

@@ -90,6 +90,14 @@ def stratified_split(labels: torch.Tensor, seed: int, heldout: float = 0.3) -> t
     return sorted(train), sorted(test)
 
 
+def selection_split(labels: torch.Tensor, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """``--select``'s indices, drawn by ``seed``: the training split (pretraining), its stratified 80% (the k-NN
+    bank) and 20% (scored); the held-out split is in none of them."""
+    train, _ = stratified_split(labels, seed)
+    bank, scored = stratified_split(labels[train], seed, heldout=0.2)
+    return train, [train[i] for i in bank], [train[i] for i in scored]
+
+
 @dataclass
 class DataBundle:
     pretrain: Dataset  # gives (list of crops, label), or (uint8 image, label) with --gpu-augment
@@ -143,9 +151,12 @@ def build_data(args: argparse.Namespace) -> DataBundle:
     if args.dataset in ("mnist5k", "digits"):
         images, labels = load_mnist5k() if args.dataset == "mnist5k" else load_digits()
         train, heldout = stratified_split(labels, args.seed)
+        reference = train
+        if getattr(args, "select", False):  # choosing settings: the held-out images are not even loaded
+            train, reference, heldout = selection_split(labels, args.seed)
         return DataBundle(
             ArrayImages(images[train], labels[train], None if batched else multicrop),
-            ArrayImages(images[train], labels[train], evaluate).transformed(),
+            ArrayImages(images[reference], labels[reference], evaluate).transformed(),
             ArrayImages(images[heldout], labels[heldout], evaluate).transformed(),
             multicrop,
             num_classes=10,

@@ -258,6 +258,7 @@ def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Name
         "arch": args.arch,
         "epochs": objects["trainer"].state.epoch,
         "world_size": idist.get_world_size(),
+        "scored_on": "a fifth of the training split (--select)" if args.select else "the held-out split",
         "knn_top1": last.get("knn_top1"),
         "online_linear_top1": last.get("online_linear_top1"),
         "knn_top1_random_init": knn_top1(build_backbone(args)[0].to(idist.device()), data, args),

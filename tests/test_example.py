@@ -336,6 +336,8 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--output-dir", "/proc/swav_run"], "--output-dir '/proc/swav_run' cannot be created"),
         (["--output-dir", "{tmp}/" + "x" * 300], "--output-dir has a name of 300 bytes"),
         (["--master-port", "70000"], "--master-port must be <= 65535, got 70000"),
+        (["--select", "--no-online-probe", "--dataset", "cifar10"], "--select splits .*got --dataset cifar10\\)"),
+        (["--select"], "--select .*--no-online-probe \\(got --dataset mnist5k and the online probe\\)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, capsys, argv, message):
@@ -501,6 +503,28 @@ def test_the_mnist5k_loader_reads_the_packaged_file_and_splits_it_by_seed():
     evaluate = swav_data.eval_transform(28, data.multicrop)
     _, heldout = swav_data.stratified_split(labels, 0)
     assert torch.equal(data.heldout[7][0], evaluate(images[heldout[7]])) and data.heldout[7][1] == labels[heldout[7]]
+
+
+def test_select_scores_a_fifth_of_the_training_split_and_never_loads_the_held_out_images(tmp_path: Path, capsys):
+    import swav_data
+
+    _, labels = swav_data.load_mnist5k()
+    train, heldout = swav_data.stratified_split(labels, 3)
+    pretrain, bank, scored = swav_data.selection_split(labels, 3)
+    assert pretrain == train and sorted(bank + scored) == train and not set(bank) & set(scored)
+    assert not set(heldout) & (set(bank) | set(scored))  # the held-out split is in none of them
+    assert torch.bincount(labels[scored]).tolist() == [70] * 10  # a stratified fifth of 3,500
+    assert swav_data.selection_split(labels, 4)[2] != scored  # drawn by the seed
+    data = train_swav.build_data(
+        train_swav.parse_args(["--select", "--no-online-probe", "--seed", "3", "--output-dir", "/tmp/unused"])
+    )
+    assert (len(data.pretrain), len(data.reference), len(data.heldout)) == (3500, 2800, 700)
+    images, _ = swav_data.load_mnist5k()
+    assert torch.equal(data.heldout.source.images, images[scored]) and torch.equal(data.pretrain.images, images[train])
+    tiny = [a for a in TINY if a not in ("--dataset", "digits")]
+    assert train_swav.main([*tiny, "--select", "--no-online-probe", "--output-dir", str(tmp_path / "s")]) == 0
+    assert results(tmp_path / "s")["scored_on"] == "a fifth of the training split (--select)"
+    assert "k-NN on a fifth of the training split (--select)" in capsys.readouterr().out
 
 
 def test_the_small_resnet_keeps_a_2x2_map_of_its_last_stage():

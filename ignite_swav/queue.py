@@ -31,8 +31,9 @@ class SwAVQueue(Serializable):
 
     - Rows: :attr:`rows`, ``(num_crops, length // world_size, feat_dim)`` float32, zeros until written.
       :meth:`start` makes them at once when ``batch_size`` and ``feat_dim`` are known (on ``idist.device()``), else
-      the loss makes them from its next batch, on its device, before anything is pushed (:meth:`prepare`). ``length`` is trimmed to a
-      multiple of the global batch ``batch_size * world_size`` (logged once when that changes it).
+      the loss makes them from its next batch, on its device, before anything is pushed (:meth:`prepare`).
+      ``length`` is trimmed to a multiple of the global batch ``batch_size * world_size`` (logged once when that
+      changes it).
     - Push: a step's assigned embeddings go on top, the oldest rows drop off the end, so a batch is never in its own
       queue; chosen on the device by the step's verdict (:meth:`push`), so a refused step leaves the rows as they were
       and nothing waits for the device.

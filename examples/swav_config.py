@@ -60,6 +60,8 @@ def _default_help(key: str) -> str:
     for name in DATASETS:
         if key in CROP_KEYS:
             values[name] = list(getattr(crop_preset(name), key))
+        elif key == "rotation":
+            values[name] = crop_preset(name).settings.rotation
         else:
             values[name] = (COMMON | DATASET_DEFAULTS[name]).get(key)
     groups: dict[str, list[str]] = {}
@@ -188,6 +190,7 @@ def add_data_flags(setting: Any) -> None:
     setting("--num-crops", "crops of each size", type=int, nargs="+")
     setting("--min-scale-crops", "smallest area of each crop size, as a fraction of the image", type=float, nargs="+")
     setting("--max-scale-crops", "largest area of each crop size, as a fraction of the image", type=float, nargs="+")
+    setting("--rotation", "largest angle, in degrees, of each crop's random rotation (0: none)", type=float)
     setting(
         "--gpu-augment",
         "multi-crop whole batches on the training device (BatchedMultiCrop); the DataLoader only loads images",
@@ -268,12 +271,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in CROP_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, list(getattr(preset, key)))
+    if args.rotation is None:
+        args.rotation = preset.settings.rotation
     args.given = sorted(given)  # the settings the user chose: sizing for the data leaves them as they are
     check_args(args)
     return args
 
 
 CROP_KEYS = ("size_crops", "num_crops", "min_scale_crops", "max_scale_crops")
+
+
+def crop_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The multi-crop settings of ``args``, as :func:`crop_preset` takes them."""
+    return {key: tuple(getattr(args, key)) for key in CROP_KEYS} | {"rotation": args.rotation}
 
 
 def crop_preset(dataset: str, **overrides: Any) -> Any:
@@ -377,9 +387,11 @@ def check_args(args: argparse.Namespace) -> None:
             f"--logger {' '.join(args.logger)} needs {missing}, not installed: pip install {' '.join(missing)}"
         )
     try:
-        crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
+        crop_preset(args.dataset, **crop_settings(args))
     except ValueError as error:
-        raise ExampleError(f"crop settings (--size-crops, --num-crops, --min/max-scale-crops): {error}") from None
+        raise ExampleError(
+            f"crop settings (--size-crops, --num-crops, --min/max-scale-crops, --rotation): {error}"
+        ) from None
 
 
 def reference_file(value: str, dataset: str) -> Path:

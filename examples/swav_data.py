@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from swav_config import CROP_KEYS, ExampleError, crop_preset
+from swav_config import ExampleError, crop_preset, crop_settings
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms import v2
 
@@ -144,7 +144,7 @@ def build_data(args: argparse.Namespace) -> DataBundle:
     pretraining set gives uint8 images and the crops are made on the training device."""
     from torchvision import datasets
 
-    multicrop = crop_preset(args.dataset, **{key: tuple(getattr(args, key)) for key in CROP_KEYS})
+    multicrop = crop_preset(args.dataset, **crop_settings(args))
     evaluate = eval_transform(args.eval_size, multicrop)
     batched = bool(args.gpu_augment)
     pretrain_transform = v2.PILToTensor() if batched else multicrop

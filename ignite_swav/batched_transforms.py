@@ -115,7 +115,8 @@ class BatchedMultiCrop(MultiCropAugmentation):
     sample: random resized crop (area and log-ratio as torchvision draws them; ``roi_align`` averages
     ``ceil(box / size)`` bilinear samples per output pixel, so a large box is antialiased), horizontal flip,
     colour jitter with probability 0.8 in a random order per sample, grayscale with probability 0.2, Gaussian
-    blur with a per-sample sigma (reflect padding), normalisation. The output is what
+    blur with a per-sample sigma (reflect padding), a rotation by a per-sample angle when ``rotation`` is set
+    (``grid_sample``, black corners), normalisation. The output is what
     :class:`~ignite_swav.SwAVModel` takes: one float ``(B, 3, size, size)`` batch per crop, large crops first.
 
     Each colour step is one per-sample 3x3 map over the pixels, clamped to [0, 1] as torchvision clamps. One
@@ -126,7 +127,7 @@ class BatchedMultiCrop(MultiCropAugmentation):
     Random numbers come from the device's default generator (``torch.manual_seed`` seeds it).
 
     Its arguments (``size_crops``, ``num_crops``, ``min_scale_crops``, ``max_scale_crops``, ``color_strength``,
-    ``jitter``, ``flip_prob``, ``blur_prob``, ``blur_sigma``, ``mean``, ``std``) are those of
+    ``jitter``, ``flip_prob``, ``blur_prob``, ``blur_sigma``, ``mean``, ``std``, ``rotation``) are those of
     :class:`~ignite_swav.MultiCropTransform`.
 
     Example:
@@ -171,7 +172,7 @@ class BatchedMultiCrop(MultiCropAugmentation):
                 rois = torch.cat([owner[:, None].to(boxes.dtype), boxes], dim=1)
                 views = roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
                 views = self._colour(self._flip(views))
-                views = self._blur(views, size)
+                views = self._rotate(self._blur(views, size))
                 crops.extend(views.sub_(mean).div_(std).chunk(repeats))
             return crops
 
@@ -231,6 +232,16 @@ class BatchedMultiCrop(MultiCropAugmentation):
         rotation[:, 0, 0] = 1
         rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
         return torch.linalg.inv(rgb_to_yiq) @ rotation @ rgb_to_yiq
+
+    def _rotate(self, views: Tensor) -> Tensor:
+        if self.settings.rotation == 0:
+            return views
+        angle = _uniform(views.shape[0], -self.settings.rotation, self.settings.rotation, views.device)
+        cos, sin = torch.cos(torch.deg2rad(angle)), torch.sin(torch.deg2rad(angle))
+        zero = torch.zeros_like(cos)
+        turn = torch.stack([torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1)
+        grid = F.affine_grid(turn, list(views.shape), align_corners=False)
+        return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # black corners
 
     def _blur(self, views: Tensor, size: int) -> Tensor:
         if self.settings.blur_prob == 0:

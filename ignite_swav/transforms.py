@@ -63,6 +63,7 @@ class MultiCropSettings:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         size_crops, num_crops = self.size_crops, self.num_crops
@@ -98,6 +99,8 @@ class MultiCropSettings:
             raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std must have 3 entries (RGB), std > 0; got mean={self.mean}, std={self.std}")
+        if not 0 <= self.rotation <= 180:  # also refuses NaN
+            raise ValueError(f"rotation must be an angle in degrees in [0, 180], got {self.rotation}")
         normalised = {
             "size_crops": sizes,
             "num_crops": counts,
@@ -110,6 +113,7 @@ class MultiCropSettings:
             "blur_sigma": tuple(float(v) for v in self.blur_sigma),
             "mean": tuple(float(v) for v in self.mean),
             "std": tuple(float(v) for v in self.std),
+            "rotation": float(self.rotation),
         }
         for name, value in normalised.items():  # frozen: set once, here
             object.__setattr__(self, name, value)
@@ -166,13 +170,15 @@ class MultiCropSettings:
 
     @classmethod
     def for_mnist(cls, **overrides: Any) -> MultiCropSettings:
-        """Settings for 28 px gray digits (MNIST): two 28 px crops of 30-100% of the image, no flip, no colour.
+        """Settings for 28 px gray digits (MNIST): two 28 px crops of 30-100% of the image, each turned by up to
+        15 degrees either way, no flip, no colour.
 
         A mirrored digit is another symbol, and saturation and hue do nothing to gray images; brightness and
-        contrast jitter stand in for the colour distortion. No small crops: measured on the 5,000-image MNIST
-        subset, 2x28 + 2x14 px crops let the loss fall while the k-NN accuracy of the features fell too (from
-        0.79 to 0.60 in 10 epochs: the views matched on something other than the digit), where 2x28 px crops
-        alone reached 0.91 in the same 10 epochs, at twice the images per second.
+        contrast jitter stand in for the colour distortion; a digit tilted a little is the same digit, which a
+        crop alone never shows (docs/main-job.md measures it on MNIST 5k). No small crops: measured on the
+        5,000-image MNIST subset, 2x28 + 2x14 px crops let the loss fall while the k-NN accuracy of the features
+        fell too (from 0.79 to 0.60 in 10 epochs: the views matched on something other than the digit), where
+        2x28 px crops alone reached 0.91 in the same 10 epochs, at twice the images per second.
         """
         settings: dict[str, Any] = {
             "size_crops": (28,),
@@ -185,6 +191,7 @@ class MultiCropSettings:
             "blur_prob": 0.0,
             "mean": (0.1307, 0.1307, 0.1307),
             "std": (0.3081, 0.3081, 0.3081),
+            "rotation": 15.0,
         }
         return cls(**(settings | overrides))
 
@@ -274,8 +281,9 @@ class MultiCropTransform(MultiCropAugmentation):
     Each crop: RandomResizedCrop (its size and scale range), horizontal flip, colour distortion (jitter of
     brightness, contrast and saturation ``0.8 * color_strength`` and hue ``0.2 * color_strength`` by default,
     with probability 0.8; grayscale with probability 0.2), Gaussian blur with probability ``blur_prob`` (sigma in
-    ``blur_sigma``, kernel about 10% of the crop), then conversion to float and normalisation. Accepts PIL
-    images and ``(C, H, W)`` uint8 tensors; one-channel images are turned into RGB.
+    ``blur_sigma``, kernel about 10% of the crop), a random rotation about the crop's centre when ``rotation`` is
+    set, then conversion to float and normalisation. Accepts PIL images and ``(C, H, W)`` uint8 tensors;
+    one-channel images are turned into RGB.
 
     Small images: the crop sizes are output sizes, so 8 px digits upscaled to 32 px crops need nothing more
     than ``size_crops=(32, 16)``; :meth:`for_cifar` and :meth:`for_digits` give the usual settings without
@@ -295,6 +303,9 @@ class MultiCropTransform(MultiCropAugmentation):
         blur_sigma: range of the blur's standard deviation.
         mean: per-channel mean for normalisation.
         std: per-channel standard deviation for normalisation.
+        rotation: largest angle of the rotation, in degrees: each crop is turned by an angle drawn uniformly in
+            ``[-rotation, rotation]``, bilinearly, the corners it uncovers black (0, the default, disables it;
+            :meth:`for_mnist` turns digits by up to 15 degrees, as a tilted digit is the same digit).
 
     Example:
         >>> import torch
@@ -321,6 +332,8 @@ class MultiCropTransform(MultiCropAugmentation):
             if s.blur_prob > 0:
                 kernel = blur_kernel_size(size)
                 steps.append(v2.RandomApply([v2.GaussianBlur(kernel, s.blur_sigma)], p=s.blur_prob))
+            if s.rotation > 0:
+                steps.append(v2.RandomRotation(s.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
             steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(s.mean), list(s.std))]
             self.crop_transforms += [v2.Compose(steps)] * n
 

@@ -177,6 +177,44 @@ def test_output_statistics_match_the_per_image_pipeline(preset):
         assert torch.allclose(ours.std(dim=(0, 2, 3)), reference.std(dim=(0, 2, 3)), rtol=0.08)
 
 
+def _tilt(crops: torch.Tensor) -> torch.Tensor:
+    """The angle in degrees between vertical and the main axis of each crop's bright pixels (second moments)."""
+    weight = crops.mean(dim=1).clamp(min=0)
+    size = weight.shape[-1]
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    y, x = coords.view(1, -1, 1), coords.view(1, 1, -1)
+    total = weight.sum(dim=(1, 2))
+    yy, xx, xy = ((weight * m).sum(dim=(1, 2)) / total for m in (y * y, x * x, x * y))
+    return torch.rad2deg(0.5 * torch.atan2(2 * xy, yy - xx))
+
+
+def test_rotation_turns_each_crop_as_torchvision_within_the_range_with_black_corners():
+    torch.manual_seed(0)
+    count = 2000
+    bar = torch.zeros(count, 1, 32, 32, dtype=torch.uint8)
+    bar[:, :, 4:28, 15:17] = 255  # a vertical stroke through the centre
+    settings = PLAIN | {"rotation": 30.0}
+    ours = _tilt(one_size(32, 2, min_scale=1.0, **settings)(bar)[0])
+    per_image = MultiCropTransform(
+        size_crops=(32,), num_crops=(2,), min_scale_crops=(1.0,), max_scale_crops=(1.0,), **settings
+    )
+    reference = _tilt(torch.stack([per_image(image)[0] for image in bar[:500]]))
+    unturned = _tilt(one_size(32, 2, min_scale=1.0, **PLAIN)(bar[:100])[0])
+    assert unturned.abs().max() < 0.5
+    # uniform in [-30, 30]: |angle| has quartiles 7.5, 15, 22.5; both pipelines turn both ways, never further
+    for angles in (ours, reference):
+        assert angles.abs().max() < 31
+        assert _rate(angles > 0) == pytest.approx(0.5, abs=0.07)
+        quartiles = angles.abs().quantile(torch.tensor([0.25, 0.5, 0.75]))
+        assert torch.allclose(quartiles, torch.tensor([7.5, 15.0, 22.5]), atol=2.0)
+
+    white = torch.full((4, 1, 32, 32), 255, dtype=torch.uint8)
+    turned = one_size(32, 2, min_scale=1.0, **(PLAIN | {"rotation": 180.0}))(white)[0]
+    corner = turned[:, :, :2, :2].amax(dim=(1, 2, 3))
+    assert (turned[:, :, 14:18, 14:18] > 0.99).all()  # the centre stays
+    assert _rate(corner < 0.5) >= 0.5  # most turns uncover a corner, black as torchvision's fill=0
+
+
 def _hue_shift(rgb: torch.Tensor, hue: float) -> torch.Tensor:
     """Absolute HSV hue distance of each (r, g, b) row from ``hue``, in turns."""
     from torchvision.transforms.v2.functional._color import _rgb_to_hsv

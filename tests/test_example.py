@@ -332,6 +332,7 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--temperature", "1e-300"], "--temperature must be at least 1e-30, got 1e-300"),
         (["--epsilon", "1e-320"], "--epsilon must be at least 1e-30"),
         (["--size-crops", "60000", "16"], "size_crops\\[0\\] must be at most 8192 pixels, got 60000"),
+        (["--rotation", "200"], "--rotation\\): rotation must be an angle in degrees in \\[0, 180\\], got 200"),
         (["--seed", str(2**64)], "--seed must be <= 2147483647, got 18446744073709551616"),
         (["--output-dir", "/proc/swav_run"], "--output-dir '/proc/swav_run' cannot be created"),
         (["--output-dir", "{tmp}/" + "x" * 300], "--output-dir has a name of 300 bytes"),
@@ -799,3 +800,12 @@ def test_a_queue_guard_retreat_reaches_the_loggers_at_its_iteration(tmp_path: Pa
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("queue_guard/retreats")] == [(42, 1.0)]
     assert [(e.step, e.value) for e in events.Scalars("queue_guard/queue_length")] == [(42, 128.0)]
+
+
+def test_rotation_is_the_data_sets_preset_unless_given_and_reaches_the_augmentation():
+    from swav_config import crop_preset, crop_settings
+
+    assert train_swav.parse_args([]).rotation == 15.0  # MultiCropSettings.for_mnist
+    assert train_swav.parse_args(["--dataset", "cifar10"]).rotation == 0.0
+    args = train_swav.parse_args(["--rotation", "5"])
+    assert crop_preset(args.dataset, **crop_settings(args)).settings.rotation == 5.0

@@ -77,6 +77,9 @@ def test_presets_accept_overrides():
         ({"blur_sigma": (2.0, 1.0)}, "blur_sigma must be"),
         ({"color_strength": -1}, "color_strength must be >= 0"),
         ({"std": (0, 1, 1)}, "std > 0"),
+        ({"rotation": -5}, r"rotation must be an angle in degrees in \[0, 180\], got -5"),
+        ({"rotation": 270}, r"rotation must be an angle in degrees in \[0, 180\], got 270"),
+        ({"rotation": float("nan")}, r"rotation must be an angle in degrees in \[0, 180\], got nan"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

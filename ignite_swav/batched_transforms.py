@@ -236,8 +236,8 @@ class BatchedMultiCrop(MultiCropAugmentation):
     def _rotate(self, views: Tensor) -> Tensor:
         if self.settings.rotation == 0:
             return views
-        angle = _uniform(views.shape[0], -self.settings.rotation, self.settings.rotation, views.device)
-        cos, sin = torch.cos(torch.deg2rad(angle)), torch.sin(torch.deg2rad(angle))
+        angle = torch.deg2rad(_uniform(views.shape[0], -self.settings.rotation, self.settings.rotation, views.device))
+        cos, sin = torch.cos(angle), torch.sin(angle)
         zero = torch.zeros_like(cos)
         turn = torch.stack([torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1)
         grid = F.affine_grid(turn, list(views.shape), align_corners=False)

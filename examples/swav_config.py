@@ -60,8 +60,8 @@ def _default_help(key: str) -> str:
     for name in DATASETS:
         if key in CROP_KEYS:
             values[name] = list(getattr(crop_preset(name), key))
-        elif key == "rotation":
-            values[name] = crop_preset(name).settings.rotation
+        elif key in WARP_KEYS:
+            values[name] = getattr(crop_preset(name).settings, key)
         else:
             values[name] = (COMMON | DATASET_DEFAULTS[name]).get(key)
     groups: dict[str, list[str]] = {}
@@ -192,6 +192,10 @@ def add_data_flags(setting: Any) -> None:
     setting("--max-scale-crops", "largest area of each crop size, as a fraction of the image", type=float, nargs="+")
     setting("--rotation", "largest angle, in degrees, of each crop's random rotation (0: none)", type=float)
     setting(
+        "--elastic-alpha", "strength of each crop's elastic warp (torchvision's ElasticTransform; 0: none)", type=float
+    )
+    setting("--elastic-sigma", "smoothness of the elastic warp, in pixels", type=float)
+    setting(
         "--gpu-augment",
         "multi-crop whole batches on the training device (BatchedMultiCrop); the DataLoader only loads images",
         action=argparse.BooleanOptionalAction,
@@ -271,19 +275,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in CROP_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, list(getattr(preset, key)))
-    if args.rotation is None:
-        args.rotation = preset.settings.rotation
+    for key in WARP_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset.settings, key))
     args.given = sorted(given)  # the settings the user chose: sizing for the data leaves them as they are
     check_args(args)
     return args
 
 
 CROP_KEYS = ("size_crops", "num_crops", "min_scale_crops", "max_scale_crops")
+WARP_KEYS = ("rotation", "elastic_alpha", "elastic_sigma")  # one number for all crop sizes
 
 
 def crop_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The multi-crop settings of ``args``, as :func:`crop_preset` takes them."""
-    return {key: tuple(getattr(args, key)) for key in CROP_KEYS} | {"rotation": args.rotation}
+    return {key: tuple(getattr(args, key)) for key in CROP_KEYS} | {key: getattr(args, key) for key in WARP_KEYS}
 
 
 def crop_preset(dataset: str, **overrides: Any) -> Any:
@@ -390,7 +396,8 @@ def check_args(args: argparse.Namespace) -> None:
         crop_preset(args.dataset, **crop_settings(args))
     except ValueError as error:
         raise ExampleError(
-            f"crop settings (--size-crops, --num-crops, --min/max-scale-crops, --rotation): {error}"
+            f"crop settings (--size-crops, --num-crops, --min/max-scale-crops, --rotation, --elastic-alpha/sigma): "
+            f"{error}"
         ) from None
 
 

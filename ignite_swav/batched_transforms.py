@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from ignite_swav.transforms import MultiCropAugmentation, MultiCropSettings, blur_kernel_size
+from ignite_swav.transforms import MultiCropAugmentation, MultiCropSettings, blur_kernel_size, elastic_kernel_size
 
 __all__ = ["BatchedMultiCrop", "collate_images"]
 
@@ -115,9 +115,10 @@ class BatchedMultiCrop(MultiCropAugmentation):
     sample: random resized crop (area and log-ratio as torchvision draws them; ``roi_align`` averages
     ``ceil(box / size)`` bilinear samples per output pixel, so a large box is antialiased), horizontal flip,
     colour jitter with probability 0.8 in a random order per sample, grayscale with probability 0.2, Gaussian
-    blur with a per-sample sigma (reflect padding), a rotation by a per-sample angle when ``rotation`` is set
-    (``grid_sample``, black corners), normalisation. The output is what
-    :class:`~ignite_swav.SwAVModel` takes: one float ``(B, 3, size, size)`` batch per crop, large crops first.
+    blur with a per-sample sigma (reflect padding), a rotation by a per-sample angle when ``rotation`` is set and
+    an elastic warp by per-sample displacements when ``elastic_alpha`` is set (both in one ``grid_sample``, black
+    corners), normalisation. The output is what :class:`~ignite_swav.SwAVModel` takes: one float
+    ``(B, 3, size, size)`` batch per crop, large crops first.
 
     Each colour step is one per-sample 3x3 map over the pixels, clamped to [0, 1] as torchvision clamps. One
     difference: the hue shift is a rotation of the chroma plane in YIQ space rather than a shift in HSV (same
@@ -127,8 +128,8 @@ class BatchedMultiCrop(MultiCropAugmentation):
     Random numbers come from the device's default generator (``torch.manual_seed`` seeds it).
 
     Its arguments (``size_crops``, ``num_crops``, ``min_scale_crops``, ``max_scale_crops``, ``color_strength``,
-    ``jitter``, ``flip_prob``, ``blur_prob``, ``blur_sigma``, ``mean``, ``std``, ``rotation``) are those of
-    :class:`~ignite_swav.MultiCropTransform`.
+    ``jitter``, ``flip_prob``, ``blur_prob``, ``blur_sigma``, ``mean``, ``std``, ``rotation``, ``elastic_alpha``,
+    ``elastic_sigma``) are those of :class:`~ignite_swav.MultiCropTransform`.
 
     Example:
         >>> import torch
@@ -172,7 +173,7 @@ class BatchedMultiCrop(MultiCropAugmentation):
                 rois = torch.cat([owner[:, None].to(boxes.dtype), boxes], dim=1)
                 views = roi_align(batch, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
                 views = self._colour(self._flip(views))
-                views = self._rotate(self._blur(views, size))
+                views = self._warp(self._blur(views, size))
                 crops.extend(views.sub_(mean).div_(std).chunk(repeats))
             return crops
 
@@ -233,15 +234,36 @@ class BatchedMultiCrop(MultiCropAugmentation):
         rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
         return torch.linalg.inv(rgb_to_yiq) @ rotation @ rgb_to_yiq
 
-    def _rotate(self, views: Tensor) -> Tensor:
-        if self.settings.rotation == 0:
+    def _warp(self, views: Tensor) -> Tensor:
+        # the rotation and the elastic displacements in one resampling (the per-image pipeline does two)
+        s = self.settings
+        if s.rotation == 0 and s.elastic_alpha == 0:
             return views
-        angle = torch.deg2rad(_uniform(views.shape[0], -self.settings.rotation, self.settings.rotation, views.device))
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        zero = torch.zeros_like(cos)
-        turn = torch.stack([torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1)
+        count, _, height, width = views.shape
+        if s.rotation > 0:
+            angle = torch.deg2rad(_uniform(count, -s.rotation, s.rotation, views.device))
+            cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+            turn = torch.stack([torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1)
+        else:
+            turn = torch.eye(2, 3, device=views.device).expand(count, 2, 3)
         grid = F.affine_grid(turn, list(views.shape), align_corners=False)
+        if s.elastic_alpha > 0:
+            grid = grid + self._displacements(count, height, width, views.device)
         return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # black corners
+
+    def _displacements(self, count: int, height: int, width: int, device: torch.device) -> Tensor:
+        # torchvision's ElasticTransform per crop: uniform noise in [-1, 1] for x and y, blurred (reflect padding),
+        # times alpha / size in grid units
+        s = self.settings
+        half = elastic_kernel_size(s.elastic_sigma) // 2
+        taps = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / s.elastic_sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        noise = torch.rand(count * 2, 1, height, width, device=device) * 2 - 1
+        noise = F.conv2d(F.pad(noise, (half, half, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        noise = F.conv2d(F.pad(noise, (0, 0, half, half), mode="reflect"), kernel.view(1, 1, -1, 1))
+        scale = torch.tensor([s.elastic_alpha / width, s.elastic_alpha / height], device=device)
+        return noise.view(count, 2, height, width).permute(0, 2, 3, 1) * scale
 
     def _blur(self, views: Tensor, size: int) -> Tensor:
         if self.settings.blur_prob == 0:

@@ -266,3 +266,37 @@ def test_collate_images_stacks_or_lists():
         collate_images([("not an image", 0)])
     with pytest.raises(ValueError, match="empty"):
         collate_images([])
+
+
+def _displacement(warped: torch.Tensor, ramp_step: float) -> torch.Tensor:
+    """Per-pixel shift along a ramp (value = coordinate * ramp_step / 255), read inside an 8 px border: bilinear
+    resampling of a linear ramp is exact, so the value is where the pixel was taken from."""
+    coords = torch.arange(warped.shape[-1], dtype=torch.float32)
+    return (warped[:, 0] * 255 / ramp_step - coords)[:, 8:-8, 8:-8]
+
+
+def test_elastic_warp_moves_pixels_as_torchvision_smoothly_by_the_expected_amount():
+    torch.manual_seed(0)
+    alpha, sigma, size, step = 60.0, 3.0, 32, 7.0
+    ramp = (torch.arange(size) * step).to(torch.uint8).expand(200, 1, size, size).contiguous()  # value: 7 x column
+    settings = PLAIN | {"elastic_alpha": alpha, "elastic_sigma": sigma}
+    ours = _displacement(one_size(size, 2, min_scale=1.0, **settings)(ramp)[0], step)
+    per_image = MultiCropTransform(
+        size_crops=(size,), num_crops=(2,), min_scale_crops=(1.0,), max_scale_crops=(1.0,), **settings
+    )
+    reference = _displacement(torch.stack([per_image(image)[0] for image in ramp[:100]]), step)
+    still = _displacement(one_size(size, 2, min_scale=1.0, **PLAIN)(ramp[:10])[0], step)
+    assert still.abs().max() < 1e-3
+    # uniform noise in [-1, 1] (variance 1/3) blurred by a normalised Gaussian, times alpha / 2 pixels
+    taps = torch.arange(-(int(8 * sigma + 1) // 2), int(8 * sigma + 1) // 2 + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    expected_std = math.sqrt(1 / 3) * float((kernel / kernel.sum()).square().sum()) * alpha / 2
+    for shifts in (ours, reference):
+        assert shifts.std().item() == pytest.approx(expected_std, rel=0.12)
+        assert shifts.mean().abs().item() < 0.1 * expected_std  # no drift either way
+        # neighbours move together (a blur of sigma 3: correlation exp(-1 / 36) = 0.97 one pixel apart)
+        pairs = torch.stack([shifts[:, :, :-1].flatten(), shifts[:, :, 1:].flatten()])
+        assert torch.corrcoef(pairs)[0, 1].item() > 0.9
+    # the other axis: a ramp down the rows moves as much
+    rows = _displacement(one_size(size, 2, min_scale=1.0, **settings)(ramp.transpose(2, 3))[0].transpose(2, 3), step)
+    assert rows.std().item() == pytest.approx(expected_std, rel=0.12)

@@ -332,7 +332,9 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--temperature", "1e-300"], "--temperature must be at least 1e-30, got 1e-300"),
         (["--epsilon", "1e-320"], "--epsilon must be at least 1e-30"),
         (["--size-crops", "60000", "16"], "size_crops\\[0\\] must be at most 8192 pixels, got 60000"),
-        (["--rotation", "200"], "--rotation\\): rotation must be an angle in degrees in \\[0, 180\\], got 200"),
+        (["--rotation", "200"], "--elastic-alpha/sigma\\): rotation must be an angle in degrees in \\[0, 180\\], got 200"),
+        (["--elastic-alpha", "-1"], "--elastic-alpha/sigma\\): elastic_alpha must be a finite number >= 0"),
+        (["--elastic-sigma", "20"], "elastic_sigma must be less than 6.875 for 28 px crops .*, got 20.0"),
         (["--seed", str(2**64)], "--seed must be <= 2147483647, got 18446744073709551616"),
         (["--output-dir", "/proc/swav_run"], "--output-dir '/proc/swav_run' cannot be created"),
         (["--output-dir", "{tmp}/" + "x" * 300], "--output-dir has a name of 300 bytes"),
@@ -802,10 +804,13 @@ def test_a_queue_guard_retreat_reaches_the_loggers_at_its_iteration(tmp_path: Pa
     assert [(e.step, e.value) for e in events.Scalars("queue_guard/queue_length")] == [(42, 128.0)]
 
 
-def test_rotation_is_the_data_sets_preset_unless_given_and_reaches_the_augmentation():
+def test_rotation_and_elastic_warp_are_the_data_sets_preset_unless_given_and_reach_the_augmentation():
     from swav_config import crop_preset, crop_settings
 
-    assert train_swav.parse_args([]).rotation == 15.0  # MultiCropSettings.for_mnist
-    assert train_swav.parse_args(["--dataset", "cifar10"]).rotation == 0.0
-    args = train_swav.parse_args(["--rotation", "5"])
-    assert crop_preset(args.dataset, **crop_settings(args)).settings.rotation == 5.0
+    mnist = train_swav.parse_args([])  # MultiCropSettings.for_mnist
+    assert (mnist.rotation, mnist.elastic_alpha, mnist.elastic_sigma) == (15.0, 34.0, 4.0)
+    cifar = train_swav.parse_args(["--dataset", "cifar10"])
+    assert (cifar.rotation, cifar.elastic_alpha) == (0.0, 0.0)
+    args = train_swav.parse_args(["--rotation", "5", "--elastic-alpha", "20", "--elastic-sigma", "3"])
+    settings = crop_preset(args.dataset, **crop_settings(args)).settings
+    assert (settings.rotation, settings.elastic_alpha, settings.elastic_sigma) == (5.0, 20.0, 3.0)

@@ -80,6 +80,14 @@ def test_presets_accept_overrides():
         ({"rotation": -5}, r"rotation must be an angle in degrees in \[0, 180\], got -5"),
         ({"rotation": 270}, r"rotation must be an angle in degrees in \[0, 180\], got 270"),
         ({"rotation": float("nan")}, r"rotation must be an angle in degrees in \[0, 180\], got nan"),
+        ({"elastic_alpha": -1}, r"elastic_alpha must be a finite number >= 0 \(0: no elastic warp\), got -1"),
+        ({"elastic_alpha": float("inf")}, r"elastic_alpha must be a finite number >= 0 .*, got inf"),
+        ({"elastic_sigma": 0}, r"elastic_sigma must be a finite number > 0, got 0"),
+        ({"elastic_sigma": float("nan")}, r"elastic_sigma must be a finite number > 0, got nan"),
+        (
+            {"elastic_alpha": 30, "elastic_sigma": 30},
+            r"elastic_sigma must be less than 23.875 for 96 px crops \(.*\), got 30",
+        ),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

@@ -17,14 +17,18 @@ CURVES = ("loss", "knn_top1", "prototype_usage", "code_entropy", "loss_over_lnk"
 
 
 def reference_curves(runs: list[dict]) -> dict:
-    """``{"epochs": [...], "curves": {name: {"min": [...], "max": [...]}}}`` over the epochs every run has."""
+    """``{"epochs": [...], "curves": {name: {"min": [...], "max": [...]}}}`` over the epochs every run has; a curve
+    measured on fewer of them (the k-NN probe, every ``--eval-every`` epochs) has its own ``"epochs"``."""
     histories = [{r["epoch"]: r for r in run["history"]} for run in runs]
     epochs = sorted(set.intersection(*(set(h) for h in histories)))
     curves = {}
     for name in CURVES:
-        if all(name in h[e] for h in histories for e in epochs):
-            values = [[h[e][name] for h in histories] for e in epochs]
+        measured = [e for e in epochs if all(name in h[e] for h in histories)]
+        if measured:
+            values = [[h[e][name] for h in histories] for e in measured]
             curves[name] = {"min": [min(v) for v in values], "max": [max(v) for v in values]}
+            if measured != epochs:
+                curves[name]["epochs"] = measured
     return {"epochs": epochs, "curves": curves}
 
 

@@ -165,7 +165,9 @@ def _draw_reference_bands(reference: dict[str, Any], ax_loss: Any, ax_knn: Any, 
     for name, (ax, colour) in panels.items():
         if name in curves:
             band = curves[name]
-            ax.fill_between(ref_epochs, band["min"], band["max"], color=colour, alpha=0.3, linewidth=0)
+            ax.fill_between(
+                band.get("epochs", ref_epochs), band["min"], band["max"], color=colour, alpha=0.3, linewidth=0
+            )
     ax_loss.set_title("training loss (bands: the reference runs)")
 
 

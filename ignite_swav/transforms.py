@@ -200,10 +200,11 @@ class MultiCropSettings:
 
         A mirrored digit is another symbol, and saturation and hue do nothing to gray images; brightness and
         contrast jitter stand in for the colour distortion; a digit tilted a little, or drawn with a wavering
-        stroke, is the same digit, which a crop alone never shows (docs/main-job.md measures both on MNIST 5k). No small crops: measured on the
-        5,000-image MNIST subset, 2x28 + 2x14 px crops let the loss fall while the k-NN accuracy of the features
-        fell too (from 0.79 to 0.60 in 10 epochs: the views matched on something other than the digit), where
-        2x28 px crops alone reached 0.91 in the same 10 epochs, at twice the images per second.
+        stroke, is the same digit, which a crop alone never shows (docs/main-job.md measures both on MNIST 5k).
+        No small crops: measured on the 5,000-image MNIST subset, 2x28 + 2x14 px crops let the loss fall while
+        the k-NN accuracy of the features fell too (from 0.79 to 0.60 in 10 epochs: the views matched on
+        something other than the digit), where 2x28 px crops alone reached 0.91 in the same 10 epochs, at twice
+        the images per second.
         """
         settings: dict[str, Any] = {
             "size_crops": (28,),
@@ -368,7 +369,9 @@ class MultiCropTransform(MultiCropAugmentation):
                 steps.append(v2.RandomRotation(s.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
             if s.elastic_alpha > 0:
                 steps.append(
-                    v2.ElasticTransform(s.elastic_alpha, s.elastic_sigma, v2.InterpolationMode.BILINEAR, fill=0)
+                    v2.ElasticTransform(
+                        s.elastic_alpha, s.elastic_sigma, interpolation=v2.InterpolationMode.BILINEAR, fill=0
+                    )
                 )
             steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(s.mean), list(s.std))]
             self.crop_transforms += [v2.Compose(steps)] * n

@@ -332,7 +332,7 @@ def test_an_unknown_data_set_is_refused(capsys):
         (["--temperature", "1e-300"], "--temperature must be at least 1e-30, got 1e-300"),
         (["--epsilon", "1e-320"], "--epsilon must be at least 1e-30"),
         (["--size-crops", "60000", "16"], "size_crops\\[0\\] must be at most 8192 pixels, got 60000"),
-        (["--rotation", "200"], "--elastic-alpha/sigma\\): rotation must be an angle in degrees in \\[0, 180\\], got 200"),
+        (["--rotation", "200"], "--elastic-alpha/sigma\\): rotation must be an angle in degrees in \\[0, 180\\]"),
         (["--elastic-alpha", "-1"], "--elastic-alpha/sigma\\): elastic_alpha must be a finite number >= 0"),
         (["--elastic-sigma", "20"], "elastic_sigma must be less than 6.875 for 28 px crops .*, got 20.0"),
         (["--seed", str(2**64)], "--seed must be <= 2147483647, got 18446744073709551616"),
@@ -682,8 +682,9 @@ def test_reference_curves_are_made_from_runs_and_drawn_under_a_run(tmp_path: Pat
 
     def run(seed: int, shift: float) -> dict:
         history = [
-            {"epoch": e, "loss": 4.0 - e / 10 + shift, "knn_top1": 0.8 + e / 100, "prototype_usage": 0.9,
-             "code_entropy": 0.5 - e / 100, "loss_over_lnk": 0.8, "queue_used": False, "lr": 0.1, "images_per_s": 1.0}
+            {"epoch": e, "loss": 4.0 - e / 10 + shift, "prototype_usage": 0.9, "code_entropy": 0.5 - e / 100,
+             "loss_over_lnk": 0.8, "queue_used": False, "lr": 0.1, "images_per_s": 1.0}
+            | ({"knn_top1": 0.8 + e / 100 + shift / 10} if e % 2 == 0 or e == 5 else {})  # --eval-every 2
             for e in range(1, 6)
         ]  # fmt: skip
         return {"dataset": "mnist5k", "seed": seed, "history": history, "epochs": 5, "knn_top1": 0.85}
@@ -697,6 +698,9 @@ def test_reference_curves_are_made_from_runs_and_drawn_under_a_run(tmp_path: Pat
     curves = json.loads(reference.read_text())
     assert curves["epochs"] == [1, 2, 3, 4, 5]
     assert curves["curves"]["loss"]["max"][0] == pytest.approx(4.1) and curves["curves"]["loss"]["min"][0] == 3.9
+    assert "epochs" not in curves["curves"]["loss"]  # every epoch's
+    assert curves["curves"]["knn_top1"]["epochs"] == [2, 4, 5]  # the probe's epochs only
+    assert curves["curves"]["knn_top1"]["max"] == pytest.approx([0.84, 0.86, 0.87])
     args = train_swav.parse_args(["--compare-to", str(reference), "--output-dir", str(tmp_path / "out")])
     assert args.compare_to == str(reference)
     with pytest.raises(

@@ -71,6 +71,21 @@ def _uniform(count: int, low: float, high: float, device: torch.device) -> Tenso
     return torch.rand(count, device=device) * (high - low) + low
 
 
+def _gaussian_kernels(sigma: Tensor, half: int, dtype: torch.dtype) -> Tensor:
+    """One normalised Gaussian of taps ``-half..half`` per entry of ``sigma``: ``(len(sigma), 2 * half + 1)``."""
+    taps = torch.arange(-half, half + 1, device=sigma.device, dtype=dtype)
+    kernels = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def _separable_blur(x: Tensor, kernels: Tensor) -> Tensor:
+    """Each channel of ``x`` ``(N, C, H, W)`` blurred along its rows, then its columns, by its row of ``kernels``
+    ``(C, K)``, with reflect padding (the blur and the elastic warp's displacements)."""
+    pad, groups = kernels.shape[1] // 2, x.shape[1]
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=groups)
+    return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernels[:, None, :, None], groups=groups)
+
+
 def random_resized_boxes(heights: Tensor, widths: Tensor, scale: tuple[float, float]) -> Tensor:
     """Boxes ``(x1, y1, x2, y2)`` of random resized crops, one per image, drawn as torchvision's
     ``RandomResizedCrop`` draws them: area fraction uniform in ``scale``, log aspect ratio uniform in
@@ -255,13 +270,9 @@ class BatchedMultiCrop(MultiCropAugmentation):
         # torchvision's ElasticTransform per crop: uniform noise in [-1, 1] for x and y, blurred (reflect padding),
         # times alpha / size in grid units
         s = self.settings
-        half = elastic_kernel_size(s.elastic_sigma) // 2
-        taps = torch.arange(-half, half + 1, device=device, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (taps / s.elastic_sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        noise = torch.rand(count * 2, 1, height, width, device=device) * 2 - 1
-        noise = F.conv2d(F.pad(noise, (half, half, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-        noise = F.conv2d(F.pad(noise, (0, 0, half, half), mode="reflect"), kernel.view(1, 1, -1, 1))
+        sigma = torch.tensor([s.elastic_sigma], device=device)
+        kernel = _gaussian_kernels(sigma, elastic_kernel_size(s.elastic_sigma) // 2, torch.float32)
+        noise = _separable_blur(torch.rand(count * 2, 1, height, width, device=device) * 2 - 1, kernel)
         scale = torch.tensor([s.elastic_alpha / width, s.elastic_alpha / height], device=device)
         return noise.view(count, 2, height, width).permute(0, 2, 3, 1) * scale
 
@@ -272,19 +283,12 @@ class BatchedMultiCrop(MultiCropAugmentation):
         chosen = (torch.rand(count, device=device) < self.settings.blur_prob).nonzero().squeeze(1)
         if chosen.numel() == 0:
             return views
-        kernel_size = blur_kernel_size(size)
-        half = kernel_size // 2
         low, high = self.settings.blur_sigma
         sigma = _uniform(chosen.numel(), low, high, device)
-        taps = torch.arange(-half, half + 1, device=device, dtype=views.dtype)
-        kernels = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2).repeat_interleave(3, dim=0)  # per channel
-        selected = views[chosen].reshape(1, chosen.numel() * 3, size, size)
-        groups = selected.shape[1]
-        pad = min(half, size - 1)  # reflect padding needs pad < size; tiny crops lose the kernel's outer taps
-        kernels = kernels[:, half - pad : half + pad + 1]
-        kernels = kernels / kernels.sum(dim=1, keepdim=True)
-        selected = F.conv2d(F.pad(selected, (pad, pad, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=groups)
-        selected = F.conv2d(F.pad(selected, (0, 0, pad, pad), mode="reflect"), kernels[:, None, :, None], groups=groups)
+        # reflect padding needs pad < size; tiny crops lose the kernel's outer taps
+        pad = min(blur_kernel_size(size) // 2, size - 1)
+        kernels = _gaussian_kernels(sigma, pad, views.dtype).repeat_interleave(3, dim=0)  # one per channel
+        selected = _separable_blur(views[chosen].reshape(1, chosen.numel() * 3, size, size), kernels)
         views[chosen] = selected.reshape(chosen.numel(), 3, size, size)
         return views
 

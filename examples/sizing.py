@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from swav_config import CROP_KEYS
+from swav_config import CROP_KEYS, ExampleError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SMALL_IMAGES = 96  # px: at or below, ImageNet's small crops (5-14% of the image) are a few pixels
@@ -67,3 +67,13 @@ def size_and_say(args: argparse.Namespace) -> None:
     if chosen and int(os.environ.get("RANK", "0")) == 0:
         lines = "\n".join(f"  {line}" for line in chosen)
         print(f"sized for the data (pass a flag to choose otherwise):\n{lines}", flush=True)
+
+
+def check_batch_fits(args: argparse.Namespace, size: int) -> None:
+    """Refuse a batch larger than the data set, in the launching process (before any worker starts)."""
+    world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node or 1))
+    if size < args.batch_size * world_size:
+        raise ExampleError(
+            f"--batch-size {args.batch_size} x {world_size} process(es) is larger than the data set ({size} "
+            "images): no full batch"
+        )

@@ -19,6 +19,7 @@ STL-10 or an ImageFolder, runs the published SwAV recipes (``--recipe``), on one
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ from run_dir import (
     remove_temporary_files,
     verify_lock,
 )
-from sizing import size_and_say
+from sizing import check_batch_fits, size_and_say
 from swav_config import ExampleError, parse_args, resolved_config, warn_about_world_size
 from swav_data import DataBundle, build_data, require
 from torch import nn
@@ -207,9 +208,18 @@ def attach_checkpoint(trainer: Engine, objects: dict[str, Any], args: argparse.N
     trainer.add_event_handler(Events.TERMINATE, lambda e: save(e) if e.state.preempted is not None else None)
 
 
-def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any] | None:
+def training(local_rank: int, config: dict[str, Any]) -> dict[str, Any]:
     """One process's part of the run (the function ``idist.Parallel`` launches); returns the results."""
-    args = argparse.Namespace(**config)
+    results = train(argparse.Namespace(**config))
+    # The checkpoint holds the trainer and its handlers the checkpoint: that cycle keeps DDP, and so the process group,
+    # alive past Parallel's destroy_process_group to the interpreter's exit, where gloo's threads can abort the process
+    # (pytorch/pytorch#190489). Freed here, while the group is whole.
+    gc.collect()
+    return results
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """The run of this process, from the settings to the results."""
     setup_output()
     if idist.get_rank() > 0:
         logger.setLevel(logging.WARNING)
@@ -270,16 +280,6 @@ def final_results(objects: dict[str, Any], data: DataBundle, args: argparse.Name
         "queue_retreats": queue_retreats(objects),
         "history": records,
     }
-
-
-def check_batch_fits(args: argparse.Namespace, size: int) -> None:
-    """Refuse a batch larger than the data set, in the launching process (before any worker starts)."""
-    world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node or 1))
-    if size < args.batch_size * world_size:
-        raise ExampleError(
-            f"--batch-size {args.batch_size} x {world_size} process(es) is larger than the data set ({size} "
-            "images): no full batch"
-        )
 
 
 def prepare(args: argparse.Namespace) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from typing import Any, Callable
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +28,19 @@ class TinyBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+
+def run_then_collect(local_rank: int, function: Callable[..., Any], *args: Any) -> None:
+    """A spawned worker: ``function(local_rank, *args)``, then its reference cycles freed while the process group is
+    whole, as examples/train_swav.py's ``training`` does and for its reason: a DDP model left in a cycle keeps the
+    group's gloo threads alive to the interpreter's exit, where they can abort the process (pytorch/pytorch#190489)."""
+    function(local_rank, *args)
+    gc.collect()
+
+
+def spawn_gloo(function: Callable[..., Any], *args: Any, nproc: int = 2) -> None:
+    """``function(local_rank, *args)`` on ``nproc`` gloo processes (``idist.spawn``, through ``run_then_collect``)."""
+    idist.spawn("gloo", run_then_collect, args=(function, *args), nproc_per_node=nproc)
 
 
 def tiny_swav_model(feat_dim: int = 8, num_prototypes: int = 12, width: int = 16, seed: int = 0) -> SwAVModel:

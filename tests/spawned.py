@@ -23,9 +23,10 @@ TESTS = Path(__file__).resolve().parent
 _LAUNCHER = """
 import importlib, json, sys
 import ignite.distributed as idist
+from helpers import run_then_collect
 module, name, nproc, port, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 function = getattr(importlib.import_module(module), name)
-idist.spawn("gloo", function, args=tuple(args), nproc_per_node=nproc, master_port=port)
+idist.spawn("gloo", run_then_collect, args=(function, *args), nproc_per_node=nproc, master_port=port)
 """
 
 

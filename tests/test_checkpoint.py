@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_crops, tiny_swav_model
+from helpers import random_crops, spawn_gloo, tiny_swav_model
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
 
@@ -136,7 +136,6 @@ def _resumed_on_two_processes_worker(rank: int, path: str) -> None:
 
 @pytest.mark.distributed
 def test_a_run_saved_on_one_process_resumes_on_two_at_the_same_point_of_its_schedule(tmp_path):
-    import ignite.distributed as idist
 
     # 2 of 4 epochs on one process, 4 iterations an epoch
     trainer, optimizer, scheduler = _cosine_run(epochs=4, epoch_length=4)
@@ -145,7 +144,7 @@ def test_a_run_saved_on_one_process_resumes_on_two_at_the_same_point_of_its_sche
     torch.save(
         {"trainer": trainer.state_dict(), "optimizer": optimizer.state_dict(), "lr": scheduler.state_dict()}, path
     )
-    idist.spawn("gloo", _resumed_on_two_processes_worker, args=(str(path),), nproc_per_node=2)
+    spawn_gloo(_resumed_on_two_processes_worker, str(path))
 
 
 def test_another_epoch_length_from_the_middle_of_an_epoch_or_with_a_used_scheduler_is_refused(tmp_path):

@@ -1,10 +1,9 @@
 """assign_clusters: prototype ids of new images, plain or balanced, on one process and on two."""
 
-import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_swav_model
+from helpers import spawn_gloo, tiny_swav_model
 from reference import classic_sinkhorn
 
 from ignite_swav import assign_clusters
@@ -58,7 +57,7 @@ def _two_rank_worker(rank, balanced):
 @pytest.mark.distributed
 @pytest.mark.parametrize("balanced", [False, True])
 def test_two_ranks_each_with_their_shard_get_the_ids_of_one_process(balanced):
-    idist.spawn("gloo", _two_rank_worker, args=(balanced,), nproc_per_node=2)
+    spawn_gloo(_two_rank_worker, balanced)
 
 
 def test_bad_inputs_get_one_clear_error():

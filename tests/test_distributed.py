@@ -6,6 +6,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import spawn_gloo
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from reference import classic_sinkhorn, classic_swav_loss
@@ -19,7 +20,7 @@ FEAT_DIM = 8
 
 
 def spawn(fn, *args):
-    idist.spawn("gloo", fn, args=args, nproc_per_node=WORLD)
+    spawn_gloo(fn, *args, nproc=WORLD)
 
 
 def unit(*shape, seed):

@@ -1,5 +1,6 @@
 """The example scripts' functions on tiny settings: default run, resume, 2 ranks, data sets, bad input."""
 
+import gc
 import json
 import pickle
 import sys
@@ -18,7 +19,7 @@ import run_dir  # noqa: E402
 import train_swav  # noqa: E402
 from helpers import TINY_EXAMPLE_ARGS  # noqa: E402
 
-from ignite_swav import BatchedMultiCrop, collate_images  # noqa: E402
+from ignite_swav import BatchedMultiCrop, SwAVModel, collate_images  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -583,6 +584,21 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resuming_at_the_s
     assert res["epochs"] == 2 and [r["epoch"] for r in res["history"]] == [1, 2]  # nothing trained again
     assert (output / "history.png").stat().st_size > 0 and last.read_bytes() == before
     assert not ours.exists() and (output / "tmpabcd1234").read_bytes() == b"another program's"
+
+
+def test_a_run_frees_its_model_before_the_process_group_goes(tmp_path: Path):
+    # training() must leave no reference cycle holding the model: under DDP it would keep the process group's gloo
+    # threads alive past destroy_process_group, to the interpreter's exit, where they can abort the process
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, SwAVModel)}
+    gc.disable()  # nothing but the example's own collection frees them
+    try:
+        status, _ = run(tmp_path, "--epochs", "2")
+        left = [type(o).__name__ for o in gc.get_objects() if isinstance(o, SwAVModel) and id(o) not in before]
+    finally:
+        gc.enable()
+    assert status == 0
+    assert left == [], "the run's model outlived training(): its cycles were not freed before the group's end"
 
 
 def test_only_the_two_newest_checkpoints_are_kept_across_resumes(tmp_path: Path):

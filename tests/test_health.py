@@ -7,7 +7,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import queue_breaking_step, random_crops, tiny_swav_model
+from helpers import queue_breaking_step, random_crops, spawn_gloo, tiny_swav_model
 from ignite.engine import Engine, Events
 from torch import nn
 
@@ -335,7 +335,7 @@ def _two_rank_worker(rank: int) -> None:
 
 @pytest.mark.distributed
 def test_two_ranks_get_the_same_metrics():
-    idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)
+    spawn_gloo(_two_rank_worker)
 
 
 def test_the_monitor_can_look_every_n_iterations():

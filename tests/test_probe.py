@@ -3,7 +3,7 @@
 import ignite.distributed as idist
 import pytest
 import torch
-from helpers import tiny_swav_model
+from helpers import spawn_gloo, tiny_swav_model
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
@@ -167,7 +167,7 @@ def _two_rank_worker(rank):
 
 @pytest.mark.distributed
 def test_two_ranks_train_one_classifier():
-    idist.spawn("gloo", _two_rank_worker, args=(), nproc_per_node=2)
+    spawn_gloo(_two_rank_worker)
 
 
 def test_a_probe_state_of_another_width_or_with_optimizer_buffers_of_other_shapes_is_refused_at_load():

@@ -5,7 +5,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DispatchCounter, queue_of, random_crops, tiny_swav_model
+from helpers import DispatchCounter, queue_of, random_crops, spawn_gloo, tiny_swav_model
 from ignite.engine import Events
 
 from ignite_swav import SwAVLoss, SwAVQueueHandler, create_swav_trainer
@@ -119,4 +119,4 @@ def _two_process_worker(rank: int) -> None:
 
 @pytest.mark.distributed
 def test_a_training_step_on_two_processes_waits_for_the_device_at_most_twice():
-    idist.spawn("gloo", _two_process_worker, args=(), nproc_per_node=2)
+    spawn_gloo(_two_process_worker)

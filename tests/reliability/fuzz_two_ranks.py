@@ -15,6 +15,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import ignite.distributed as idist  # noqa: E402
 from fuzz_cases import cases, run_case  # noqa: E402
+from helpers import spawn_gloo  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 
 
@@ -31,4 +32,4 @@ def worker(local_rank: int, max_examples: int, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    idist.spawn("gloo", worker, (int(sys.argv[1]), sys.argv[2]), nproc_per_node=2)
+    spawn_gloo(worker, int(sys.argv[1]), sys.argv[2])

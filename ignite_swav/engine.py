@@ -412,14 +412,16 @@ def create_swav_trainer(
     engine = cast(Engine, trainer)
     # first on their events: a stop is agreed before the epoch's handlers run, and the last step's verdict is read
     # before any handler (a checkpoint) of the epoch's or the run's end looks at the model
-    engine.add_event_handler(Events.STARTED, trainer._forget_stop)
+    # the class's functions, not the engine's bound methods: an engine holding itself is a reference cycle, which
+    # keeps the model (and a DDP model's process group) alive until the garbage collector runs, maybe at exit
+    engine.add_event_handler(Events.STARTED, _AgreedStop._forget_stop)
     engine.add_event_handler(Events.STARTED, _check_epoch_length)
     prototype_layer = cast(nn.Module, prototypes or _find_prototypes(model))
     # per head: each head's equipartition spreads the batch over its own K prototypes
     prototype_count = _prototype_weight(prototype_layer).shape[0] // _num_heads(prototype_layer)
     warnings = _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters, freeze_prototypes_epochs)
     engine.add_event_handler(Events.STARTED, warnings)
-    engine.add_event_handler(Events.EPOCH_STARTED, trainer._agree_on_stop)
+    engine.add_event_handler(Events.EPOCH_STARTED, _AgreedStop._agree_on_stop)
     attach_verdict_reads(engine, update)
     engine.register_events(*SwAVEvents)
     _attach_queue_events(engine, loss_fn)
@@ -476,7 +478,12 @@ def attach_verdict_reads(engine: Engine, update: Callable[[Engine, Any], Any]) -
     """Read the last deferred verdict of ``update`` (a :func:`swav_training_step`) at the end of every epoch and of
     the run, so that a refused last step raises there at the latest (once per engine)."""
     settle = getattr(update, "settle", None)
-    if settle is None or engine.has_event_handler(settle, Events.EPOCH_COMPLETED):
+    if settle is not None:
+        _attach_settle(engine, settle)
+
+
+def _attach_settle(engine: Engine, settle: Callable[[Engine], None]) -> None:
+    if engine.has_event_handler(settle, Events.EPOCH_COMPLETED):
         return
     for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
         engine.add_event_handler(event, settle)
@@ -619,7 +626,7 @@ def swav_training_step(
     def update(engine: Engine, batch: Any) -> Any:
         if engine not in engines_read:  # an Engine of the user's own: the last verdict is read at its ends too
             engines_read.add(engine)
-            attach_verdict_reads(engine, update)
+            _attach_settle(engine, verdicts.settle_previous)  # not update itself: a closure holding itself is a cycle
         iteration = engine.state.iteration
         opens, closes = (iteration - 1) % accumulation == 0, iteration % accumulation == 0
         if opens:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -252,7 +253,9 @@ class SwAVHealthMonitor(Serializable):
         self.logger = logger or logging.getLogger("ignite_swav.health")
         #: one record per epoch: the three metrics, ``queue_used``, ``alarm``
         self.history: list[dict[str, Any]] = []
-        self._engine: Engine | None = None
+        # a weak reference: the engine holds this monitor's methods, and a strong one back would be a reference
+        # cycle keeping the trainer's model (and a DDP model's process group) alive until the garbage collector
+        self._engine: weakref.ReferenceType[Engine] | None = None
         self.reset()
 
     def attach(self, engine: Engine) -> None:
@@ -260,11 +263,11 @@ class SwAVHealthMonitor(Serializable):
         :class:`SwAVEvents`. Attach it once, before the loggers that read its metrics."""
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
-        if self._engine is engine:
+        if self._attached_to(engine):
             raise ValueError("this SwAVHealthMonitor is already attached to this engine; attach it only once")
-        if self._engine is not None:
+        if self._engine is not None and self._engine() is not None:
             raise ValueError("this SwAVHealthMonitor is already attached to another engine; make one per trainer")
-        self._engine = engine
+        self._engine = weakref.ref(engine)
         engine.register_events(
             *SwAVEvents
         )  # create_swav_trainer's engine has them already: registering again is harmless
@@ -272,6 +275,9 @@ class SwAVHealthMonitor(Serializable):
             engine.add_event_handler(Events.EPOCH_STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(self.event, self.completed)
+
+    def _attached_to(self, engine: Engine) -> bool:
+        return self._engine is not None and self._engine() is engine
 
     def reset(self) -> None:
         """Start the running sums of a new epoch."""

@@ -153,7 +153,8 @@ class SwAVLoss(nn.Module):
         #: what the last call computed (:class:`SwAVLossStep`), or ``None`` before the first call
         self.last_step: SwAVLossStep | None = None
         self._pending: _PendingStep | None = None
-        self._computation: Callable[..., tuple[Tensor, ...]] = self._compute
+        # set by compile(); None for self._compute, whose bound method kept on self would be a reference cycle
+        self._computation: Callable[..., tuple[Tensor, ...]] | None = None
         self._workspace_tensors: tuple[Tensor, Tensor | None] | None = None
         self._constants_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -242,7 +243,7 @@ class SwAVLoss(nn.Module):
         self.last_batch_shape = (batch_size, feat_dim)
         # decided on the host (the queue's fill is counted there), before the computation
         scored = queue is not None and queue.prepare(batch_size, feat_dim, embeddings[0].device) is not None
-        loss, codes, assigned_scores, flags, all_scores, pushed_embeddings = self._computation(
+        loss, codes, assigned_scores, flags, all_scores, pushed_embeddings = (self._computation or self._compute)(
             scores, embeddings, prototypes, queue if scored else None
         )
         checked_prototypes = prototypes.detach() if scored else None

@@ -54,17 +54,17 @@ class PreemptionHandler:
         #: the name of the signal that ended the run (``"SIGTERM"``), or ``None``
         self.received: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
-        self._engine: Engine | None = None
+        self._attached = False  # not the trainer itself: it holds this handler's methods (a reference cycle)
 
     def attach(self, trainer: Engine) -> None:
         """Install the signal handlers now and stop ``trainer`` after the iteration in which a signal came."""
         if not isinstance(trainer, Engine):
             raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
-        if self._engine is not None:
+        if self._attached:
             raise ValueError("this PreemptionHandler is already attached; make one per trainer")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.attach must be called from the main thread (signal handlers)")
-        self._engine = trainer
+        self._attached = True
         self._previous = {s: signal.signal(s, self._take_note) for s in self.signals}
         trainer.state.preempted = None  # type: ignore[attr-defined]  # Ignite's State takes attributes
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_signalled)

@@ -98,29 +98,24 @@ class OnlineLinearProbe(Serializable):
         #: the classifier (a Linear on L2-normalised features), created at the first features
         self.classifier: nn.Linear | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self._features: Tensor | None = None
-        self._armed = False
+        self._first_features = _FirstFeatures()
         self._label_counts: Tensor | None = None  # this epoch's bad and known labels, counted on the device
-        self._engine: Engine | None = None
+        self._attached = False  # not the trainer itself: it holds this probe's methods (a reference cycle)
 
     def attach(self, trainer: Engine) -> None:
         """Train the probe at every iteration of ``trainer`` (the engine that runs ``backbone``)."""
         if not isinstance(trainer, Engine):
             raise TypeError(f"trainer must be an ignite Engine, got {type(trainer).__name__}")
-        if self._engine is not None:
+        if self._attached:
             raise ValueError("this OnlineLinearProbe is already attached; make one per trainer")
-        self._engine = trainer
-        unwrap_model(self.backbone).register_forward_hook(self._keep_first_features)
+        self._attached = True
+        unwrap_model(self.backbone).register_forward_hook(self._first_features)
         trainer.add_event_handler(Events.ITERATION_STARTED, self._arm)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self.train_step)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.check_labels)
 
     def _arm(self, _: Engine) -> None:
-        self._armed, self._features = True, None
-
-    def _keep_first_features(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._armed and isinstance(output, Tensor):
-            self._armed, self._features = False, output.detach()
+        self._first_features.armed, self._first_features.features = True, None
 
     def _build(self, in_features: int, device: torch.device, same_start: bool = True) -> None:
         # Made in the first iteration: a draw from the global stream there would change every later crop and
@@ -142,8 +137,8 @@ class OnlineLinearProbe(Serializable):
                 f"OnlineLinearProbe needs a 1-D tensor of integer labels for each batch, got {described}: attach it "
                 "only when the data set has labels (or pass label_fn)"
             )
-        features = self._features
-        self._features = None
+        features = self._first_features.features
+        self._first_features.features = None
         if features is None:
             raise ValueError(
                 "OnlineLinearProbe saw no call of its backbone in this iteration: attach it to the trainer that "
@@ -306,3 +301,17 @@ class OnlineLinearProbe(Serializable):
         self.classifier.load_state_dict(classifier)
         if state_dict["optimizer"] is not None:
             self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+class _FirstFeatures:
+    """The backbone's forward hook: keeps its first output once armed. An object of its own, not a method of the
+    probe: the backbone holding the probe, which holds the backbone, would be a reference cycle keeping the model
+    until the garbage collector runs."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.features: Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.armed and isinstance(output, Tensor):
+            self.armed, self.features = False, output.detach()

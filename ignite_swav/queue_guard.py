@@ -189,21 +189,21 @@ class SwAVQueueGuard(Serializable):
         self.discarded_iterations = 0
         self.snapshot: dict[str, Any] | None = None
         self._retreat_due = False
-        self._engine: Engine | None = None
+        self._attached = False  # not the engine itself: it holds this guard's methods (a reference cycle)
 
     def attach(self, engine: Engine) -> None:
         """Register the handlers on ``engine``, the trainer the queue handler and the monitor are attached to."""
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an ignite Engine, got {type(engine).__name__}")
-        if self._engine is not None:
+        if self._attached:
             raise ValueError("this SwAVQueueGuard is already attached; attach it once, to the trainer")
         if not self.queue_handler.is_attached(engine):
             raise ValueError("attach the queue handler to this engine before the guard (queue_handler.attach(trainer))")
-        if self.health_monitor._engine is not engine:
+        if not self.health_monitor._attached_to(engine):
             raise ValueError(
                 "attach the health monitor to this engine before the guard (health_monitor.attach(trainer))"
             )
-        self._engine = engine
+        self._attached = True
         engine.state.queue_retreat = None  # type: ignore[attr-defined]  # Ignite's State takes attributes
         engine.add_event_handler(Events.STARTED, self._keep_if_due)
         engine.add_event_handler(Events.EPOCH_STARTED, self._forget_last_retreat)

@@ -1,5 +1,7 @@
+import gc
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,12 @@ from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_swav import (
     BatchedMultiCrop,
+    OnlineLinearProbe,
+    PreemptionHandler,
     SwAVEvents,
+    SwAVHealthMonitor,
     SwAVLoss,
+    SwAVQueueGuard,
     SwAVQueueHandler,
     create_swav_trainer,
     prepare_image_batch,
@@ -483,3 +489,42 @@ def test_the_library_trains_exactly_as_the_reference_training_loop():
     assert torch.allclose(handler.queue.rows, ref_queue, atol=1e-5)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=2e-5), name  # float32 rounding of 16 SGD steps
+
+
+def _trained_with_every_handler() -> tuple[weakref.ReferenceType, weakref.ReferenceType]:
+    model = tiny_swav_model(seed=0)
+    loss_fn = SwAVLoss()
+    trainer = create_swav_trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), loss_fn)
+    queue_handler = SwAVQueueHandler(loss_fn, queue_length=8, epoch_queue_starts=0)
+    queue_handler.attach(trainer)
+    monitor = SwAVHealthMonitor(loss_fn)
+    monitor.attach(trainer)
+    SwAVQueueGuard(queue_handler, monitor, {"model": model}).attach(trainer)
+    probe = OnlineLinearProbe(model.backbone, num_classes=4)
+    probe.attach(trainer)
+    PreemptionHandler().attach(trainer)
+    trainer.run([(random_crops(4, sizes=(16, 16, 8), seed=0), torch.arange(4))], max_epochs=2)
+    return weakref.ref(model), weakref.ref(probe)
+
+
+def test_the_trainer_and_its_handlers_free_the_model_without_the_garbage_collector():
+    # As Ignite's create_supervised_trainer: no reference cycle of ours holds the model. One would keep a DDP model,
+    # and its process group, alive past destroy_process_group until the collector runs, maybe at exit (an abort).
+    gc.collect()
+    gc.disable()
+    try:
+        model, probe = _trained_with_every_handler()
+        assert model() is None, "a reference cycle of the trainer or of a handler kept the model"
+        assert probe() is None, "the backbone's hook kept the probe"
+    finally:
+        gc.enable()
+
+
+def test_the_backbone_does_not_keep_a_dropped_probe():
+    model = tiny_swav_model(seed=0)
+    probe = OnlineLinearProbe(model.backbone, num_classes=4)
+    probe.attach(Engine(lambda e, b: None))
+    dropped = weakref.ref(probe)
+    del probe
+    assert dropped() is None, "the backbone's forward hook held the probe"
+    model(random_crops(2, sizes=(16,)))  # the hook left on the backbone is harmless

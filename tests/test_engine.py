@@ -507,6 +507,24 @@ def _trained_with_every_handler() -> tuple[weakref.ReferenceType, weakref.Refere
     return weakref.ref(model), weakref.ref(probe)
 
 
+def _ignite_frees_an_engine_with_a_handler() -> bool:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        engine = Engine(lambda e, b: None)
+        engine.add_event_handler(Events.STARTED, lambda e: None)
+        freed = weakref.ref(engine)
+        del engine
+        return freed() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@pytest.mark.skipif(
+    not _ignite_frees_an_engine_with_a_handler(),
+    reason="this Ignite's Engine holds itself once it has a handler (0.5.1): no trainer on it is freed at once",
+)
 def test_the_trainer_and_its_handlers_free_the_model_without_the_garbage_collector():
     # As Ignite's create_supervised_trainer: no reference cycle of ours holds the model. One would keep a DDP model,
     # and its process group, alive past destroy_process_group until the collector runs, maybe at exit (an abort).
@@ -526,5 +544,6 @@ def test_the_backbone_does_not_keep_a_dropped_probe():
     probe.attach(Engine(lambda e, b: None))
     dropped = weakref.ref(probe)
     del probe
+    gc.collect()  # the engine may be a cycle of its own (Ignite 0.5.1); the backbone, alive, must not hold the probe
     assert dropped() is None, "the backbone's forward hook held the probe"
     model(random_crops(2, sizes=(16,)))  # the hook left on the backbone is harmless

@@ -270,11 +270,13 @@ class BatchedMultiCrop(MultiCropAugmentation):
         # torchvision's ElasticTransform per crop: uniform noise in [-1, 1] for x and y, blurred (reflect padding),
         # times alpha / size in grid units
         s = self.settings
-        sigma = torch.tensor([s.elastic_sigma], device=device)
+        sigma = torch.full((1,), s.elastic_sigma, device=device)  # made on the device: no copy from the host
         kernel = _gaussian_kernels(sigma, elastic_kernel_size(s.elastic_sigma) // 2, torch.float32)
         noise = _separable_blur(torch.rand(count * 2, 1, height, width, device=device) * 2 - 1, kernel)
-        scale = torch.tensor([s.elastic_alpha / width, s.elastic_alpha / height], device=device)
-        return noise.view(count, 2, height, width).permute(0, 2, 3, 1) * scale
+        noise = noise.view(count, 2, height, width)
+        noise[:, 0].mul_(s.elastic_alpha / width)
+        noise[:, 1].mul_(s.elastic_alpha / height)
+        return noise.permute(0, 2, 3, 1)
 
     def _blur(self, views: Tensor, size: int) -> Tensor:
         if self.settings.blur_prob == 0:

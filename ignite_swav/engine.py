@@ -422,7 +422,7 @@ def create_swav_trainer(
     warnings = _SettingsWarnings(loss_fn, prototype_count, freeze_prototypes_iters, freeze_prototypes_epochs)
     engine.add_event_handler(Events.STARTED, warnings)
     engine.add_event_handler(Events.EPOCH_STARTED, _AgreedStop._agree_on_stop)
-    attach_verdict_reads(engine, update)
+    attach_verdict_reads(engine, update.settle)  # type: ignore[attr-defined]  # set by swav_training_step
     engine.register_events(*SwAVEvents)
     _attach_queue_events(engine, loss_fn)
     if grad_scaler is not None:
@@ -474,15 +474,9 @@ def _check_epoch_length(engine: Engine) -> None:
         )
 
 
-def attach_verdict_reads(engine: Engine, update: Callable[[Engine, Any], Any]) -> None:
-    """Read the last deferred verdict of ``update`` (a :func:`swav_training_step`) at the end of every epoch and of
-    the run, so that a refused last step raises there at the latest (once per engine)."""
-    settle = getattr(update, "settle", None)
-    if settle is not None:
-        _attach_settle(engine, settle)
-
-
-def _attach_settle(engine: Engine, settle: Callable[[Engine], None]) -> None:
+def attach_verdict_reads(engine: Engine, settle: Callable[[Engine], None]) -> None:
+    """Read the last deferred verdict of a :func:`swav_training_step` (its ``settle``) at the end of every epoch and
+    of the run, so that a refused last step raises there at the latest (once per engine)."""
     if engine.has_event_handler(settle, Events.EPOCH_COMPLETED):
         return
     for event in (Events.EPOCH_COMPLETED, Events.TERMINATE, Events.COMPLETED):
@@ -626,7 +620,7 @@ def swav_training_step(
     def update(engine: Engine, batch: Any) -> Any:
         if engine not in engines_read:  # an Engine of the user's own: the last verdict is read at its ends too
             engines_read.add(engine)
-            _attach_settle(engine, verdicts.settle_previous)  # not update itself: a closure holding itself is a cycle
+            attach_verdict_reads(engine, verdicts.settle_previous)  # not through update: it would hold itself
         iteration = engine.state.iteration
         opens, closes = (iteration - 1) % accumulation == 0, iteration % accumulation == 0
         if opens:
